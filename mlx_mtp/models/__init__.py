@@ -1,0 +1,1 @@
+"""Model implementations: the Gemma 4 target and the Gemma 4 assistant drafter."""
