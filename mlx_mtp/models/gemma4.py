@@ -222,8 +222,12 @@ class Attention(nn.Module):
         offset: int,
         cache=None,
         shared_kv: Optional[Tuple[mx.array, mx.array]] = None,
+        masked: bool = True,
     ) -> Tuple[mx.array, Tuple[mx.array, mx.array]]:
-        """Returns the attention output and the K/V it attended to."""
+        """Returns the attention output and the K/V it attended to.
+
+        ``masked=False`` (the drafter) lets every query see every supplied key.
+        """
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)
         q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), offset)
@@ -233,7 +237,10 @@ class Attention(nn.Module):
             keys, values = self.project_kv(x, offset)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
-        out = attend(q, keys, values, offset, None if self.is_full else self.window)
+        if masked:
+            out = attend(q, keys, values, offset, None if self.is_full else self.window)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0)
         out = out.transpose(0, 2, 1, 3).reshape(b, s, -1)
         return self.o_proj(out), (keys, values)
 
@@ -332,8 +339,8 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(h, eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, offset, cache=None, shared_kv=None, per_layer_input=None):
-        a, kv = self.self_attn(self.input_layernorm(x), offset, cache, shared_kv)
+    def __call__(self, x, offset, cache=None, shared_kv=None, per_layer_input=None, masked=True):
+        a, kv = self.self_attn(self.input_layernorm(x), offset, cache, shared_kv, masked)
         x = x + self.post_attention_layernorm(a)
         m = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:

@@ -1,0 +1,205 @@
+"""Choosing the number of drafts per round.
+
+``AdaptiveController`` picks k in 0..k_max for each round to maximise the
+expected tokens per second, from what it measures during the run:
+
+* the cost of a drafter step and of a target forward verifying m tokens
+  (from a few timed rounds; warm-up rounds are discarded), and
+* the probability that draft i is accepted given drafts 1..i-1 were
+  (exponentially decayed counts, so it follows a change of regime).
+
+Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``;
+its cost: ``k * c_draft + T(k + 1)``.  k = 0 is a plain decoding step; while
+there, the controller still probes now and then to notice when drafting pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Protocol
+
+
+@dataclass
+class RoundTiming:
+    """Seconds spent drafting and verifying in one timed round."""
+
+    draft: float = 0.0
+    verify: float = 0.0
+
+
+class Controller(Protocol):
+    def choose(self) -> int: ...
+
+    def plain_burst(self) -> int: ...
+
+    def observe_plain(self, steps: int, seconds: float) -> None: ...
+
+    def observe(self, k: int, accepted: int, timing: Optional[RoundTiming]) -> None: ...
+
+    def wants_timing(self) -> bool: ...
+
+
+class FixedController:
+    """Always ``k`` drafts; times a few rounds so the stats can split drafter and target time."""
+
+    def __init__(self, k: int, timing_every: int = 16):
+        self.k = k
+        self.timing_every = timing_every
+        self.rounds = 0
+
+    def choose(self) -> int:
+        return self.k
+
+    def plain_burst(self) -> int:
+        return 1 << 30  # k = 0: plain decoding to the end
+
+    def observe_plain(self, steps: int, seconds: float) -> None:
+        pass
+
+    def observe(self, k: int, accepted: int, timing: Optional[RoundTiming]) -> None:
+        self.rounds += 1
+
+    def wants_timing(self) -> bool:
+        return self.rounds >= 2 and (self.rounds < 8 or self.rounds % self.timing_every == 0)
+
+
+class AdaptiveController:
+    """Online choice of k from measured costs and acceptance (see module docstring)."""
+
+    CALIBRATION = (4, 0, 8, 2, 0, 6, 1, 4, 0, 8)
+
+    def __init__(
+        self,
+        k_max: int = 8,
+        decay: float = 0.97,
+        prior_acceptance: float = 0.7,
+        prior_weight: float = 2.0,
+        warmup_rounds: int = 2,
+        timing_every: int = 8,
+        probe_interval: int = 16,
+        max_probe_interval: int = 256,
+    ):
+        self.k_max = k_max
+        self.decay = decay
+        self.prior_acceptance = prior_acceptance
+        self.prior_weight = prior_weight
+        self.warmup_rounds = warmup_rounds
+        self.timing_every = timing_every
+        self.base_probe_interval = probe_interval
+        self.probe_interval = probe_interval
+        self.max_probe_interval = max_probe_interval
+        self.trials = [0.0] * (k_max + 1)  # index i = draft position (1-based)
+        self.hits = [0.0] * (k_max + 1)
+        self.draft_cost: Optional[float] = None  # seconds per drafter step
+        self.verify_cost: Dict[int, float] = {}  # tokens verified -> seconds
+        self.rounds = 0
+        self.probe_due = False
+        self.history: List[int] = []
+
+    # -- estimates --------------------------------------------------------
+    def acceptance(self) -> List[float]:
+        """a_i for i = 1..k_max; unseen positions lean on the previous position."""
+        out, prev = [], self.prior_acceptance
+        for i in range(1, self.k_max + 1):
+            a = (self.hits[i] + self.prior_weight * prev) / (self.trials[i] + self.prior_weight)
+            out.append(a)
+            prev = a
+        return out
+
+    def expected_tokens(self, k: int) -> float:
+        total, run = 1.0, 1.0
+        for a in self.acceptance()[:k]:
+            run *= a
+            total += run
+        return total
+
+    def verify_time(self, m: int) -> float:
+        """Estimated seconds to verify m tokens: measured, else a linear fit."""
+        if m in self.verify_cost:
+            return self.verify_cost[m]
+        pts = sorted(self.verify_cost.items())
+        if not pts:
+            return 1.0
+        if len(pts) == 1:
+            (m0, t0), slope = pts[0], 0.1 * pts[0][1] / pts[0][0]  # optimistic until measured
+        else:
+            n = len(pts)
+            mx_ = sum(p[0] for p in pts) / n
+            my_ = sum(p[1] for p in pts) / n
+            var = sum((p[0] - mx_) ** 2 for p in pts)
+            slope = max(0.0, sum((p[0] - mx_) * (p[1] - my_) for p in pts) / var) if var else 0.0
+            m0, t0 = mx_, my_
+        return max(1e-9, t0 + slope * (m - m0))
+
+    def round_time(self, k: int) -> float:
+        return k * (self.draft_cost or 0.0) + self.verify_time(k + 1)
+
+    def best_k(self) -> int:
+        rates = [self.expected_tokens(k) / self.round_time(k) for k in range(self.k_max + 1)]
+        return max(range(self.k_max + 1), key=lambda k: (rates[k], -k))
+
+    # -- protocol -----------------------------------------------------------
+    def choose(self) -> int:
+        calibrating = self.rounds - self.warmup_rounds
+        if calibrating < 0:
+            k = max(1, self.k_max // 2)  # warm-up: compile and fill caches; timings discarded
+        elif calibrating < len(self.CALIBRATION):
+            # Timed rounds at several k so the verify cost curve and drafter cost are measured.
+            k = min(self.k_max, self.CALIBRATION[calibrating])
+        else:
+            k = self.best_k()
+            if k == 0 and self.probe_due:
+                k = 2  # probe: does drafting pay again?
+            self.probe_due = False
+        self.history.append(k)
+        return k
+
+    def plain_burst(self) -> int:
+        """Plain steps to run before asking again (k = 0 was chosen)."""
+        if self.rounds - self.warmup_rounds < len(self.CALIBRATION):
+            self.rounds += 1
+            return 4
+        steps = self.probe_interval
+        self.probe_due = True
+        self.probe_interval = min(self.max_probe_interval, self.probe_interval * 2)
+        return steps
+
+    def observe_plain(self, steps: int, seconds: float) -> None:
+        """Cost of pipelined plain steps: the k = 0 option's real price."""
+        if steps >= 2:
+            per = seconds / steps
+            old = self.verify_cost.get(1)
+            self.verify_cost[1] = per if old is None else 0.7 * old + 0.3 * per
+
+    def observe(self, k: int, accepted: int, timing: Optional[RoundTiming]) -> None:
+        self.rounds += 1
+        for i in range(1, self.k_max + 1):
+            self.trials[i] *= self.decay
+            self.hits[i] *= self.decay
+        for i in range(1, min(k, accepted + 1) + 1):
+            self.trials[i] += 1.0
+            self.hits[i] += float(i <= accepted)
+        if k > 0 and accepted > 0 and self.best_k() > 0:
+            self.probe_interval = self.base_probe_interval
+        if timing is not None and self.rounds > self.warmup_rounds:
+            self._observe_cost(k, timing)
+
+    def _observe_cost(self, k: int, timing: RoundTiming) -> None:
+        m = k + 1
+        old = self.verify_cost.get(m)
+        self.verify_cost[m] = timing.verify if old is None else 0.7 * old + 0.3 * timing.verify
+        if k > 0:
+            per_step = timing.draft / k
+            self.draft_cost = per_step if self.draft_cost is None else 0.7 * self.draft_cost + 0.3 * per_step
+
+    def wants_timing(self) -> bool:
+        r = self.rounds
+        calibrating = r - self.warmup_rounds < len(self.CALIBRATION)
+        return r >= self.warmup_rounds and (calibrating or r % self.timing_every == 0)
+
+    @property
+    def k_histogram(self) -> Dict[int, int]:
+        out: Dict[int, int] = {}
+        for k in self.history:
+            out[k] = out.get(k, 0) + 1
+        return out

@@ -1,0 +1,393 @@
+"""Token generation: plain decoding and MTP speculative decoding.
+
+The speculative round (``mtp_round``) is the heart of mlx-mtp: draft k
+tokens with the assistant, verify ``[last, d1..dk]`` in one target forward,
+accept, roll the caches back, and hand the next round its seed.  Everything
+inside a round stays lazy until one host synchronisation at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
+
+import mlx.core as mx
+
+from .cache import trim_cache
+from .controller import AdaptiveController, Controller, FixedController, RoundTiming
+from .errors import DrafterMismatchError, GenerationError
+from .models.gemma4 import SLIDING, Model
+from .models.gemma4_assistant import Drafter
+from .sampling import Sampler, sample_from
+
+DEFAULT_NUM_DRAFT_TOKENS = "auto"
+MAX_DRAFT_TOKENS = 16
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of one generation run."""
+
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    generation_time: float = 0.0
+    target_forwards: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    drafted_by_position: List[int] = field(default_factory=list)
+    accepted_by_position: List[int] = field(default_factory=list)
+    rounds: int = 0
+    draft_time: float = 0.0  # from timed rounds, seconds
+    target_time: float = 0.0
+    timed_draft_steps: int = 0
+    timed_target_forwards: int = 0
+    k_counts: Dict[int, int] = field(default_factory=dict)
+    mtp: bool = False
+    peak_memory_bytes: int = 0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_time if self.prompt_time else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_time if self.generation_time else 0.0
+
+    @property
+    def decode_forwards(self) -> int:
+        """Target forwards after the prompt (each emits 1..k+1 tokens)."""
+        return self.rounds
+
+    @property
+    def mean_tokens_per_forward(self) -> float:
+        """Generated tokens per decoding target forward (the prefill's token excluded)."""
+        return (self.generation_tokens - 1) / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def acceptance_by_position(self) -> List[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+
+    @property
+    def draft_step_ms(self) -> float:
+        return 1e3 * self.draft_time / self.timed_draft_steps if self.timed_draft_steps else 0.0
+
+    @property
+    def target_forward_ms(self) -> float:
+        return 1e3 * self.target_time / self.timed_target_forwards if self.timed_target_forwards else 0.0
+
+    def record_round(self, k: int, n: int) -> None:
+        self.rounds += 1
+        self.k_counts[k] = self.k_counts.get(k, 0) + 1
+        self.drafted_tokens += k
+        self.accepted_tokens += n
+        while len(self.drafted_by_position) < k:
+            self.drafted_by_position.append(0)
+            self.accepted_by_position.append(0)
+        for i in range(k):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += int(i < n)
+
+
+@dataclass
+class RoundState:
+    """What a round starts from: the last token (not yet in the cache) and the
+    target's post-norm hidden of the position before it."""
+
+    token: mx.array  # [1] int32
+    hidden: mx.array  # [1, 1, H]
+
+
+def check_pair(target, drafter, target_tokenizer=None, drafter_tokenizer=None) -> None:
+    """Refuse a drafter that cannot be paired with ``target``; the message names the mismatch."""
+    if not isinstance(drafter, Drafter):
+        kind = getattr(drafter, "model_type", type(drafter).__name__)
+        raise DrafterMismatchError(
+            f"the draft model is a {kind} model, not a Gemma 4 assistant drafter "
+            "(model_type gemma4_assistant); pass the matching '-assistant' checkpoint as --draft-model"
+        )
+    if not isinstance(target, Model):
+        raise DrafterMismatchError(
+            f"the target is a {getattr(target, 'model_type', type(target).__name__)} model; "
+            "pass a Gemma 4 target as --model and the assistant as --draft-model"
+        )
+    t, d = target.args, drafter.args
+    problems = []
+    if drafter.config.backbone_hidden_size != t.hidden_size:
+        problems.append(
+            f"drafter backbone_hidden_size {drafter.config.backbone_hidden_size} != target hidden_size {t.hidden_size}"
+        )
+    if d.vocab_size != t.vocab_size:
+        problems.append(f"drafter vocab_size {d.vocab_size} != target vocab_size {t.vocab_size}")
+    for lt in sorted(set(d.layer_types)):
+        if t.producer(lt) is None:
+            problems.append(f"target has no KV-owning {lt} layer for the drafter to read")
+            continue
+        if d.kv_heads_of(lt) != t.kv_heads_of(lt) or d.head_dim_of(lt) != t.head_dim_of(lt):
+            problems.append(
+                f"{lt}: drafter expects {d.kv_heads_of(lt)} KV heads x head_dim {d.head_dim_of(lt)}, "
+                f"target has {t.kv_heads_of(lt)} x {t.head_dim_of(lt)}"
+            )
+        if d.num_attention_heads % t.kv_heads_of(lt):
+            problems.append(f"{lt}: {d.num_attention_heads} drafter query heads do not group over {t.kv_heads_of(lt)} KV heads")
+    if SLIDING in d.layer_types and d.sliding_window != t.sliding_window:
+        problems.append(f"sliding_window: drafter {d.sliding_window} != target {t.sliding_window}")
+    if target_tokenizer is not None and drafter_tokenizer is not None:
+        if _vocab_of(target_tokenizer) != _vocab_of(drafter_tokenizer):
+            problems.append("the drafter's tokenizer differs from the target's")
+    if problems:
+        raise DrafterMismatchError(
+            "draft model does not match the target: " + "; ".join(problems)
+            + ". Use the assistant checkpoint published for this target."
+        )
+
+
+def _vocab_of(tokenizer) -> Dict[str, int]:
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    return inner.get_vocab() if hasattr(inner, "get_vocab") else {}
+
+
+def drafter_kv(target: Model, cache: list) -> Dict[str, Tuple[mx.array, mx.array]]:
+    """The producers' committed K/V, read in place from the target cache (no copy).
+
+    Sliding layers hand out their last ``W + 1`` entries, the most HF's drafter sees.
+    """
+    cfg = target.args
+    return {
+        lt: cache[i].committed(cfg.sliding_window + 1 if lt == SLIDING else None)
+        for lt, i in cfg.producers.items()
+    }
+
+
+def draft(
+    target: Model, drafter: Drafter, state: RoundState, kv, position: int, k: int, sampler: Sampler
+) -> Tuple[mx.array, Optional[mx.array]]:
+    """Draft ``k`` tokens (lazily); returns ids ``[k]`` and, when sampling, their distributions ``[k, V]``."""
+    token, hidden, drafts, qs = state.token, state.hidden, [], []
+    for _ in range(k):
+        logits, hidden = drafter.draft_step(target.embed(token[None]), hidden, kv, position)
+        logits = logits[0, -1]
+        if sampler.greedy:
+            token = mx.argmax(logits, axis=-1, keepdims=True)
+        else:
+            q = sampler.probs(logits)
+            token = sample_from(q)[None]
+            qs.append(q)
+        drafts.append(token)
+    if not drafts:
+        return mx.zeros((0,), dtype=mx.int32), None
+    return mx.concatenate(drafts).astype(mx.int32), (mx.stack(qs) if qs else None)
+
+
+def accept(logits: mx.array, drafts: mx.array, q: Optional[mx.array], sampler: Sampler) -> Tuple[mx.array, mx.array]:
+    """Number of accepted drafts and the token that follows them (lazy).
+
+    Greedy: longest prefix where the draft equals the target's argmax, then the
+    target's own token.  Sampling: exact speculative sampling (accept ``d`` with
+    probability ``min(1, p(d)/q(d))``, else resample from ``norm(max(0, p - q))``;
+    after k acceptances sample the bonus from ``p``).
+    """
+    k = drafts.shape[0]
+    if k == 0:
+        return mx.array(0), sampler(logits[0])
+    if sampler.greedy:
+        target_tokens = mx.argmax(logits, axis=-1)
+        n = mx.cumprod((drafts == target_tokens[:k]).astype(mx.int32)).sum()
+        return n, mx.take(target_tokens, n)
+    p = sampler.probs(logits)  # [k+1, V]
+    rows = mx.arange(k)
+    p_d, q_d = p[rows, drafts], q[rows, drafts]
+    ok = mx.random.uniform(shape=(k,)) * q_d < p_d
+    n = mx.cumprod(ok.astype(mx.int32)).sum()
+    residual = mx.maximum(p[:k] - q, 0.0)
+    residual = residual / mx.maximum(residual.sum(axis=-1, keepdims=True), 1e-30)
+    dist = mx.concatenate([residual, p[k:]], axis=0)
+    return n, sample_from(mx.take(dist, n, axis=0))
+
+
+def mtp_round(
+    target: Model,
+    drafter: Drafter,
+    cache: list,
+    state: RoundState,
+    k: int,
+    sampler: Sampler,
+    timing: Optional[RoundTiming] = None,
+) -> Tuple[List[int], int, RoundState]:
+    """One speculative round; returns emitted tokens, accepted drafts and the next state.
+
+    With ``timing`` the round synchronises once more, after drafting, to split
+    drafter and target time (used on a few rounds to calibrate the controller).
+    """
+    position = cache[0].offset  # the last token's position: it is not in the cache yet
+    t0 = time.perf_counter()
+    drafts, q = draft(target, drafter, state, drafter_kv(target, cache), position, k, sampler)
+    if timing is not None:
+        mx.eval(drafts)
+        timing.draft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    out = target.forward(mx.concatenate([state.token, drafts])[None], cache, return_hidden=True)
+    n_arr, nxt = accept(out.logits[0], drafts, q, sampler)
+    mx.eval(n_arr, nxt, drafts)  # the round's one host synchronisation
+    if timing is not None:
+        timing.verify = time.perf_counter() - t1
+    n = n_arr.item()
+    trim_cache(cache, k - n)  # drop the rejected drafts' K/V from every cache
+    tokens = drafts[:n].tolist() + [nxt.item()]
+    return tokens, n, RoundState(nxt.reshape(1).astype(mx.int32), out.hidden[:, n : n + 1])
+
+
+def prefill(target: Model, cache: list, ids: List[int], step: int, stats: GenerationStats) -> Tuple[mx.array, mx.array]:
+    """Run the prompt through the target in chunks; returns last logits and hidden."""
+    arr = mx.array(ids, dtype=mx.int32)
+    for start in range(0, len(ids) - step, step):
+        target.forward(arr[None, start : start + step], cache)
+        mx.eval([c.keys for c in cache])
+        stats.target_forwards += 1
+    last = ((len(ids) - 1) // step) * step
+    out = target.forward(arr[None, last:], cache, return_hidden=True, last_only=True)
+    stats.target_forwards += 1
+    return out.logits[0, -1], out.hidden[:, -1:]
+
+
+def _validate(prompt_ids, max_tokens, num_draft_tokens) -> None:
+    if len(prompt_ids) == 0:
+        raise GenerationError("the prompt is empty; give at least one token")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise GenerationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if num_draft_tokens == "auto":
+        return
+    if not isinstance(num_draft_tokens, int) or not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise GenerationError(
+            f"num_draft_tokens must be 'auto' or an integer in 0..{MAX_DRAFT_TOKENS}, got {num_draft_tokens!r}"
+        )
+
+
+def make_controller(num_draft_tokens: Union[int, str]) -> Controller:
+    if num_draft_tokens == "auto":
+        return AdaptiveController()
+    return FixedController(int(num_draft_tokens))
+
+
+def generate_tokens(
+    model: Model,
+    prompt_ids: List[int],
+    *,
+    max_tokens: int,
+    sampler: Sampler,
+    draft_model: Optional[Drafter] = None,
+    num_draft_tokens: Union[int, str] = DEFAULT_NUM_DRAFT_TOKENS,
+    stop_ids: Set[int] = frozenset(),
+    stats: Optional[GenerationStats] = None,
+    prefill_step_size: int = 2048,
+    controller: Optional[Controller] = None,
+) -> Iterator[Tuple[int, bool]]:
+    """Yield ``(token, from_draft)`` until ``max_tokens`` or a stop token (included).
+
+    With ``draft_model`` every round is a speculative round whose k the
+    controller picks (k = 0 is a plain step); without it, plain decoding.
+    """
+    _validate(prompt_ids, max_tokens, num_draft_tokens)
+    stats = stats if stats is not None else GenerationStats()
+    cache = model.make_cache(slack=MAX_DRAFT_TOKENS + 16)
+    tic = time.perf_counter()
+    logits, hidden = prefill(model, cache, prompt_ids, prefill_step_size, stats)
+    token = sampler(logits).reshape(1).astype(mx.int32)
+    mx.eval(token, hidden)
+    stats.prompt_tokens, stats.prompt_time = len(prompt_ids), time.perf_counter() - tic
+    tic = time.perf_counter()
+    if draft_model is None:
+        steps = _plain_steps(model, cache, RoundState(token, hidden), sampler, max_tokens, stop_ids, stats)
+    else:
+        controller = controller or make_controller(num_draft_tokens)
+        steps = _mtp_steps(model, draft_model, cache, RoundState(token, hidden), sampler, max_tokens, stop_ids, stats, controller)
+    try:
+        for item in steps:
+            stats.generation_tokens += 1
+            stats.generation_time = time.perf_counter() - tic
+            yield item
+    finally:
+        stats.generation_time = time.perf_counter() - tic
+        stats.peak_memory_bytes = mx.get_peak_memory()
+
+
+def _plain_burst(model, cache, state: RoundState, sampler, steps: int, stats):
+    """Up to ``steps`` plain decoding steps, pipelined (the next forward is queued
+    before this token is read).  Yields the tokens; returns the next round's state."""
+
+    def step(tok):
+        res = model.forward(tok[None], cache, return_hidden=True)
+        stats.target_forwards += 1
+        stats.record_round(0, 0)
+        return RoundState(sampler(res.logits[0, -1]).reshape(1).astype(mx.int32), res.hidden)
+
+    nxt = step(state.token)
+    mx.async_eval(nxt.token)
+    for i in range(steps):
+        state = nxt
+        if i + 1 < steps:
+            nxt = step(state.token)
+            mx.async_eval(nxt.token)
+        yield state.token.item()
+    return state
+
+
+def _plain_steps(model, cache, state, sampler, max_tokens, stop_ids, stats) -> Iterator[Tuple[int, bool]]:
+    """Plain decoding: the prefill's token, then pipelined one-token steps."""
+    first = state.token.item()
+    yield first, False
+    if first in stop_ids:
+        return
+    for tok in _plain_burst(model, cache, state, sampler, max_tokens - 1, stats):
+        yield tok, False
+        if tok in stop_ids:
+            return
+
+
+def _mtp_steps(model, drafter, cache, state, sampler, max_tokens, stop_ids, stats, controller) -> Iterator[Tuple[int, bool]]:
+    """Speculative decoding: rounds of draft + verify (or plain bursts when k = 0)."""
+    stats.mtp = True
+    first = state.token.item()
+    yield first, False
+    if first in stop_ids:
+        return
+    produced = 1
+    while produced < max_tokens:
+        remaining = max_tokens - produced
+        k = min(controller.choose(), remaining - 1)
+        if k <= 0:
+            steps = min(controller.plain_burst(), remaining)
+            tic = time.perf_counter()
+            burst = _plain_burst(model, cache, state, sampler, steps, stats)
+            while True:
+                try:
+                    tok = next(burst)
+                except StopIteration as done:
+                    state = done.value
+                    break
+                produced += 1
+                yield tok, False
+                if tok in stop_ids or produced >= max_tokens:
+                    return
+            controller.observe_plain(steps, time.perf_counter() - tic)
+            continue
+        timing = RoundTiming() if controller.wants_timing() else None
+        tokens, n, state = mtp_round(model, drafter, cache, state, k, sampler, timing)
+        stats.target_forwards += 1
+        stats.record_round(k, n)
+        controller.observe(k, n, timing)
+        if timing is not None:
+            stats.draft_time += timing.draft
+            stats.target_time += timing.verify
+            stats.timed_draft_steps += k
+            stats.timed_target_forwards += 1
+        for i, tok in enumerate(tokens):
+            produced += 1
+            yield tok, i < n
+            if tok in stop_ids or produced >= max_tokens:
+                return
