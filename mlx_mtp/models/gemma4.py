@@ -34,6 +34,14 @@ _MULTIMODAL_PREFIXES = (
 )
 
 
+_UNIFIED_DEFAULTS = {
+    "hidden_size_per_layer_input": 0,
+    "vocab_size_per_layer_input": 0,
+    "sliding_window": 1024,
+    "max_position_embeddings": 262144,
+}
+
+
 @dataclass
 class TextConfig:
     """Gemma 4 text config with HF transformers' defaults (not mlx-lm's)."""
@@ -72,7 +80,11 @@ class TextConfig:
         """Build from a config.json dict (a text config or a multimodal wrapper)."""
         text = dict(config.get("text_config") or config)
         known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in text.items() if k in known and v is not None})
+        values = {k: v for k, v in text.items() if k in known and v is not None}
+        if "unified" in str(text.get("model_type") or config.get("model_type", "")):
+            # gemma4_unified_text has no PLE/MoE fields and other defaults (HF 5.23).
+            values = {**_UNIFIED_DEFAULTS, **values}
+        cfg = cls(**values)
         cfg._finalize()
         return cfg
 
@@ -91,8 +103,12 @@ class TextConfig:
             raise ModelConfigError(f"unsupported layer type(s) {bad} in config.json")
         # transformers 5.23 writes global_head_dim as per-layer head_dim overrides.
         for idx, override in (self.per_layer_config or {}).items():
-            if "head_dim" in override and self.layer_types[int(idx)] == FULL:
+            if self.layer_types[int(idx)] != FULL:
+                continue
+            if "head_dim" in override:
                 self.global_head_dim = int(override["head_dim"])
+            if "num_key_value_heads" in override:
+                self.num_global_key_value_heads = int(override["num_key_value_heads"])
         if not self.rope_parameters:
             self.rope_parameters = {
                 SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
@@ -371,13 +387,14 @@ class TextModel(nn.Module):
     def embed(self, ids: mx.array) -> mx.array:
         """Scaled token embedding ``E[ids] * bf16(sqrt(H))`` (also the drafter's input)."""
         x = self.embed_tokens(ids)
-        return x * mx.array(math.sqrt(self.cfg.hidden_size), dtype=mx.bfloat16).astype(x.dtype)
+        # HF rounds the scale to the weight dtype (bf16(sqrt(H)) for bf16 checkpoints).
+        return x * mx.array(math.sqrt(self.cfg.hidden_size), dtype=x.dtype)
 
     def per_layer_inputs(self, ids: mx.array, x0: mx.array) -> mx.array:
         cfg = self.cfg
         n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
         t = self.embed_tokens_per_layer(ids)
-        t = t * mx.array(math.sqrt(p), dtype=mx.bfloat16).astype(t.dtype)
+        t = t * mx.array(math.sqrt(p), dtype=t.dtype)
         c = self.per_layer_model_projection(x0) * (cfg.hidden_size**-0.5)
         c = self.per_layer_projection_norm(c.reshape(*x0.shape[:-1], n, p))
         return (c + t.reshape(*ids.shape, n, p).astype(c.dtype)) * (2**-0.5)
