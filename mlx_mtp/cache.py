@@ -89,7 +89,8 @@ class SlidingKVCache:
     def _compact(self, keys: mx.array, values: mx.array, incoming: int) -> None:
         """Move the retained tail to the front of a buffer with room for ``incoming``."""
         keep = min(self.length, self.retain)
-        size = keep + max(incoming, self.slack) + _STEP // 4
+        # Room for a few rounds before the next compaction (a copy of `keep` entries).
+        size = keep + max(incoming, self.slack) + max(8, self.window // 8)
         self.keys = _shift(self.keys, keys, self.length, keep, size)
         self.values = _shift(self.values, values, self.length, keep, size)
         self.length = keep
