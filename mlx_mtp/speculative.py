@@ -170,12 +170,13 @@ def draft(
     """Draft ``k`` tokens (lazily); returns ids ``[k]`` and, when sampling, their distributions ``[k, V]``."""
     token, hidden, drafts, qs = state.token, state.hidden, [], []
     for _ in range(k):
-        logits, hidden = drafter.draft_step(target.embed(token[None]), hidden, kv, position)
-        logits = logits[0, -1]
+        emb = target.embed(token[None])
         if sampler.greedy:
-            token = mx.argmax(logits, axis=-1, keepdims=True)
+            token, hidden = drafter.greedy_step(emb, hidden, kv, position)
+            token = token[0]
         else:
-            q = sampler.probs(logits)
+            logits, hidden = drafter.draft_step(emb, hidden, kv, position)
+            q = sampler.probs(logits[0, -1])
             token = sample_from(q)[None]
             qs.append(q)
         drafts.append(token)

@@ -155,6 +155,10 @@ class OracleDrafter(Drafter):
         marker = mx.concatenate([mx.full((1, 1, hidden.shape[-1] - 1), -7.0), mx.full((1, 1, 1), step + 1.0)], -1)
         return logits, marker
 
+    def greedy_step(self, token_embedding, hidden, shared_kv, position):
+        logits, marker = self.draft_step(token_embedding, hidden, shared_kv, position)
+        return mx.argmax(logits, axis=-1), marker
+
 
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_perfect_drafter_gives_k_plus_one_tokens_per_forward(k):
@@ -240,3 +244,18 @@ def test_fixed_controller_k_zero_is_plain():
     plain, _, _ = run(model, list(range(4, 20)), 30)
     got, from_draft, stats = run(model, list(range(4, 20)), 30, drafter, 0)
     assert got == plain and not any(from_draft) and stats.drafted_tokens == 0
+
+
+@pytest.mark.parametrize("centroids", [0, 16])
+def test_greedy_step_equals_argmax_of_draft_logits(centroids):
+    model, drafter = make_pair(seed=9, window=8, vocab=256, hidden=64, centroids=centroids)
+    cache = model.make_cache()
+    model(mx.array(list(range(4, 40)))[None], cache)
+    kv = {lt: cache[i].committed() for lt, i in model.args.producers.items()}
+    for t in range(5, 25):
+        emb = model.embed(mx.array([[t]]))
+        hidden = mx.random.normal((1, 1, 64), key=mx.random.key(t))
+        logits, h1 = drafter.draft_step(emb, hidden, kv, 36)
+        tok, h2 = drafter.greedy_step(emb, hidden, kv, 36)
+        assert tok.item() == mx.argmax(logits[0, -1]).item()
+        assert mx.array_equal(h1, h2)

@@ -115,6 +115,14 @@ class Drafter(nn.Module):
         z = self.hidden(token_embedding, hidden, shared_kv, position)
         return self.logits(z), self.post_projection(z)
 
+    def greedy_step(self, token_embedding, hidden, shared_kv, position) -> Tuple[mx.array, mx.array]:
+        """``draft_step`` followed by argmax, without a full-vocabulary logit row.
+
+        Returns the draft token ids ``[B, 1]`` and the next hidden ``[B, 1, Hb]``.
+        """
+        z = self.hidden(token_embedding, hidden, shared_kv, position)
+        return self.greedy_token(z), self.post_projection(z)
+
     def hidden(self, token_embedding, hidden, shared_kv, position) -> mx.array:
         """Final-norm output of the drafter body (before the heads)."""
         x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
@@ -126,6 +134,15 @@ class Drafter(nn.Module):
                 keys, values = keys[..., -(window + 1) :, :], values[..., -(window + 1) :, :]
             x, _ = layer(x, position, shared_kv=(keys, values), masked=False)
         return self.model.norm(x)
+
+    def greedy_token(self, z: mx.array) -> mx.array:
+        """Argmax of ``logits(z)`` without materialising the full vocabulary row."""
+        emb = self.model.embed_tokens
+        if not self.config.use_ordered_embeddings:
+            return mx.argmax(emb.as_linear(z), axis=-1)
+        ids = self.masked_embedding.candidates(z)
+        sel = (emb(ids) @ z[..., None]).squeeze(-1)
+        return mx.take_along_axis(ids, mx.argmax(sel, axis=-1, keepdims=True), axis=-1).squeeze(-1)
 
     def logits(self, z: mx.array) -> mx.array:
         emb = self.model.embed_tokens
