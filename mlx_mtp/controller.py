@@ -21,10 +21,11 @@ from typing import Dict, List, Optional, Protocol
 
 @dataclass
 class RoundTiming:
-    """Seconds spent drafting and verifying in one timed round."""
+    """Seconds spent in one timed round: drafting, verifying, and in all (with overhead)."""
 
     draft: float = 0.0
     verify: float = 0.0
+    total: float = 0.0
 
 
 class Controller(Protocol):
@@ -34,7 +35,9 @@ class Controller(Protocol):
 
     def observe_plain(self, steps: int, seconds: float) -> None: ...
 
-    def observe(self, k: int, accepted: int, timing: Optional[RoundTiming]) -> None: ...
+    def observe(self, k: int, accepted: int) -> None: ...
+
+    def observe_cost(self, k: int, timing: RoundTiming) -> None: ...
 
     def wants_timing(self) -> bool: ...
 
@@ -56,8 +59,11 @@ class FixedController:
     def observe_plain(self, steps: int, seconds: float) -> None:
         pass
 
-    def observe(self, k: int, accepted: int, timing: Optional[RoundTiming]) -> None:
+    def observe(self, k: int, accepted: int) -> None:
         self.rounds += 1
+
+    def observe_cost(self, k: int, timing: RoundTiming) -> None:
+        pass
 
     def wants_timing(self) -> bool:
         return self.rounds >= 2 and (self.rounds < 8 or self.rounds % self.timing_every == 0)
@@ -66,7 +72,7 @@ class FixedController:
 class AdaptiveController:
     """Online choice of k from measured costs and acceptance (see module docstring)."""
 
-    CALIBRATION = (4, 0, 8, 2, 0, 6, 1, 4, 0, 8)
+    CALIBRATION = (4, 0, 2, 6, 3, 0)
 
     def __init__(
         self,
@@ -92,6 +98,9 @@ class AdaptiveController:
         self.hits = [0.0] * (k_max + 1)
         self.draft_cost: Optional[float] = None  # seconds per drafter step
         self.verify_cost: Dict[int, float] = {}  # tokens verified -> seconds
+        self.plain_cost: Optional[float] = None  # seconds per pipelined plain step
+        self.overhead = 0.0  # seconds per round outside drafting and verifying
+        self.overhead_n = 0
         self.rounds = 0
         self.probe_due = False
         self.history: List[int] = []
@@ -132,7 +141,10 @@ class AdaptiveController:
         return max(1e-9, t0 + slope * (m - m0))
 
     def round_time(self, k: int) -> float:
-        return k * (self.draft_cost or 0.0) + self.verify_time(k + 1)
+        """Expected wall time of a round with k drafts (k = 0: one plain step)."""
+        if k == 0 and self.plain_cost is not None:
+            return self.plain_cost
+        return self.overhead + k * (self.draft_cost or 0.0) + self.verify_time(k + 1)
 
     def best_k(self) -> int:
         rates = [self.expected_tokens(k) / self.round_time(k) for k in range(self.k_max + 1)]
@@ -167,11 +179,10 @@ class AdaptiveController:
     def observe_plain(self, steps: int, seconds: float) -> None:
         """Cost of pipelined plain steps: the k = 0 option's real price."""
         if steps >= 2:
-            per = seconds / steps
-            old = self.verify_cost.get(1)
-            self.verify_cost[1] = per if old is None else 0.7 * old + 0.3 * per
+            self.plain_cost = _ema(self.plain_cost, seconds / steps)
 
-    def observe(self, k: int, accepted: int, timing: Optional[RoundTiming]) -> None:
+    def observe(self, k: int, accepted: int) -> None:
+        """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
         self.rounds += 1
         for i in range(1, self.k_max + 1):
             self.trials[i] *= self.decay
@@ -181,16 +192,17 @@ class AdaptiveController:
             self.hits[i] += float(i <= accepted)
         if k > 0 and accepted > 0 and self.best_k() > 0:
             self.probe_interval = self.base_probe_interval
-        if timing is not None and self.rounds > self.warmup_rounds:
-            self._observe_cost(k, timing)
 
-    def _observe_cost(self, k: int, timing: RoundTiming) -> None:
-        m = k + 1
-        old = self.verify_cost.get(m)
-        self.verify_cost[m] = timing.verify if old is None else 0.7 * old + 0.3 * timing.verify
+    def observe_cost(self, k: int, timing: RoundTiming) -> None:
+        """Costs measured on a timed round (warm-up rounds are ignored)."""
+        if self.rounds <= self.warmup_rounds:
+            return
+        self.verify_cost[k + 1] = _ema(self.verify_cost.get(k + 1), timing.verify)
         if k > 0:
-            per_step = timing.draft / k
-            self.draft_cost = per_step if self.draft_cost is None else 0.7 * self.draft_cost + 0.3 * per_step
+            self.draft_cost = _ema(self.draft_cost, timing.draft / k)
+        rest = max(0.0, timing.total - timing.draft - timing.verify)
+        self.overhead = rest if self.overhead_n == 0 else 0.7 * self.overhead + 0.3 * rest
+        self.overhead_n += 1
 
     def wants_timing(self) -> bool:
         r = self.rounds
@@ -203,3 +215,7 @@ class AdaptiveController:
         for k in self.history:
             out[k] = out.get(k, 0) + 1
         return out
+
+
+def _ema(old: Optional[float], new: float, weight: float = 0.3) -> float:
+    return new if old is None else (1 - weight) * old + weight * new

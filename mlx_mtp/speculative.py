@@ -9,6 +9,7 @@ inside a round stays lazy until one host synchronisation at the end.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
 
@@ -269,10 +270,24 @@ def _validate(prompt_ids, max_tokens, num_draft_tokens) -> None:
         )
 
 
-def make_controller(num_draft_tokens: Union[int, str]) -> Controller:
-    if num_draft_tokens == "auto":
+# Adaptive controllers per (target, drafter) pair: what they measured (costs on this
+# machine, acceptance of this pair) stays valid across requests, so only the first
+# request of a pair pays for calibration.  Entries go away with either model.
+_CONTROLLERS: Dict[Tuple[int, int], AdaptiveController] = {}
+
+
+def make_controller(num_draft_tokens: Union[int, str], target=None, drafter=None) -> Controller:
+    """A fixed-k controller, or the pair's adaptive controller for ``"auto"``."""
+    if num_draft_tokens != "auto":
+        return FixedController(int(num_draft_tokens))
+    if target is None or drafter is None:
         return AdaptiveController()
-    return FixedController(int(num_draft_tokens))
+    key = (id(target), id(drafter))
+    if key not in _CONTROLLERS:
+        _CONTROLLERS[key] = AdaptiveController()
+        for obj in (target, drafter):
+            weakref.finalize(obj, _CONTROLLERS.pop, key, None)
+    return _CONTROLLERS[key]
 
 
 def generate_tokens(
@@ -305,7 +320,7 @@ def generate_tokens(
     if draft_model is None:
         steps = _plain_steps(model, cache, RoundState(token, hidden), sampler, max_tokens, stop_ids, stats)
     else:
-        controller = controller or make_controller(num_draft_tokens)
+        controller = controller or make_controller(num_draft_tokens, model, draft_model)
         steps = _mtp_steps(model, draft_model, cache, RoundState(token, hidden), sampler, max_tokens, stop_ids, stats, controller)
     try:
         for item in steps:
@@ -378,17 +393,21 @@ def _mtp_steps(model, drafter, cache, state, sampler, max_tokens, stop_ids, stat
             controller.observe_plain(steps, time.perf_counter() - tic)
             continue
         timing = RoundTiming() if controller.wants_timing() else None
+        tic = time.perf_counter()
         tokens, n, state = mtp_round(model, drafter, cache, state, k, sampler, timing)
         stats.target_forwards += 1
         stats.record_round(k, n)
-        controller.observe(k, n, timing)
-        if timing is not None:
-            stats.draft_time += timing.draft
-            stats.target_time += timing.verify
-            stats.timed_draft_steps += k
-            stats.timed_target_forwards += 1
+        controller.observe(k, n)
         for i, tok in enumerate(tokens):
             produced += 1
             yield tok, i < n
             if tok in stop_ids or produced >= max_tokens:
                 return
+        if timing is not None:
+            # Wall time of the whole round, consumer included, as for plain bursts.
+            timing.total = time.perf_counter() - tic
+            controller.observe_cost(k, timing)
+            stats.draft_time += timing.draft
+            stats.target_time += timing.verify
+            stats.timed_draft_steps += k
+            stats.timed_target_forwards += 1

@@ -23,8 +23,10 @@ def simulate(ctrl, rounds, accept_p, verify_cost, draft_cost, rng):
         n = 0
         while n < k and rng.random() < accept_p:
             n += 1
-        timing = RoundTiming(k * draft_cost, verify_cost(k + 1)) if ctrl.wants_timing() else None
-        ctrl.observe(k, n, timing)
+        timed = ctrl.wants_timing()
+        ctrl.observe(k, n)
+        if timed:
+            ctrl.observe_cost(k, RoundTiming(k * draft_cost, verify_cost(k + 1), k * draft_cost + verify_cost(k + 1) + 0.5))
         ks.append(k)
     return ks
 
