@@ -16,14 +16,16 @@ generation config files.  Multimodal targets are written with mlx-community's
 targets as they are.
 
 The output is built in a temporary folder next to DST and renamed into place
-only after it was written and verified; on any failure (including Ctrl-C and
-a full disk) the temporary folder is removed and an existing DST is left
-untouched.
+only after it was written and verified; on any failure (including Ctrl-C,
+SIGTERM and a full disk) the temporary folder is removed and an existing DST
+is left untouched.  A Ctrl-C that arrives during the final renames is held
+back, and the renames are undone before it is raised.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import errno
 import json
@@ -133,16 +135,16 @@ def _check_options(
 ) -> None:
     if q_bits not in loading.SUPPORTED_BITS:
         raise ConversionError(
-            f"unsupported --q-bits {q_bits!r}; supported: {', '.join(map(str, loading.SUPPORTED_BITS))}"
+            f"unsupported --q-bits {q_bits!r}; pass one of: {', '.join(map(str, loading.SUPPORTED_BITS))}"
         )
     if q_group_size not in loading.SUPPORTED_GROUP_SIZES:
         raise ConversionError(
-            f"unsupported --q-group-size {q_group_size!r}; supported: "
+            f"unsupported --q-group-size {q_group_size!r}; pass one of: "
             f"{', '.join(map(str, loading.SUPPORTED_GROUP_SIZES))}"
         )
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ConversionError(
-            f"unsupported --dtype {dtype!r}; supported: {', '.join(DTYPE_CHOICES)}"
+            f"unsupported --dtype {dtype!r}; pass one of: {', '.join(DTYPE_CHOICES)}"
         )
     if expect is not None and expect not in EXPECT_CHOICES:
         raise ConversionError(
@@ -412,11 +414,42 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _install(tmp: Path, dst: Path) -> None:
-    """Move ``tmp`` to ``dst``; an existing ``dst`` is replaced only once ``tmp`` is in place."""
+class _Deferred:
+    """Signals (SIGINT/SIGTERM) that arrived while ``_signals_deferred`` was active."""
+
+    def __init__(self) -> None:
+        self.signals: List[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.signals)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Record Ctrl-C / SIGTERM instead of raising, so a few renames are never cut in half.
+
+    Only the main thread can install handlers; elsewhere this does nothing.
+    """
+    pending = _Deferred()
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    wanted = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {}
+    try:
+        for sig in wanted:
+            previous[sig] = signal.signal(sig, lambda signum, frame: pending.signals.append(signum))
+        yield pending
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _install(tmp: Path, dst: Path) -> Optional[Path]:
+    """Move ``tmp`` to ``dst``; an existing ``dst`` is first moved aside (returned, to delete)."""
     if not (dst.exists() or dst.is_symlink()):
         os.replace(tmp, dst)
-        return
+        return None
     backup = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(dst, backup)
     try:
@@ -424,7 +457,33 @@ def _install(tmp: Path, dst: Path) -> None:
     except BaseException:
         os.replace(backup, dst)
         raise
-    _remove(backup)
+    return backup
+
+
+@contextlib.contextmanager
+def _commit(tmp: Path, dst: Path):
+    """Install ``tmp`` as ``dst`` atomically with respect to Ctrl-C; the body runs once it is in.
+
+    An interrupt that arrives while the folders are being renamed is held back;
+    if one came, the renames are undone (the old ``dst`` is back, the new output
+    is in ``tmp`` again) and ``KeyboardInterrupt`` is raised, exactly as if it
+    had arrived a moment earlier.  Once committed (the body ran: the caller
+    records success there), a late interrupt is ignored while the old copy is
+    deleted.
+    """
+    with _signals_deferred() as pending:
+        try:
+            backup = _install(tmp, dst)
+        except OSError as e:
+            raise _write_error(e, dst) from None
+        if pending:
+            os.replace(dst, tmp)
+            if backup is not None:
+                os.replace(backup, dst)
+            raise KeyboardInterrupt
+        yield
+        if backup is not None:
+            _remove(backup)
 
 
 # ---------------------------------------------------------------------------
@@ -506,19 +565,17 @@ def convert(
         prog.note(f"copied {', '.join(copied) if copied else 'no tokenizer files'}")
         if verify and total <= VERIFY_MAX_BYTES:
             _verify(model, tmp, kind, prog)
-        try:
-            _install(tmp, dst)
-        except OSError as e:
-            raise _write_error(e, dst) from None
-        ok = True
+        with _commit(tmp, dst):
+            ok = True
     finally:
         if not ok:
-            _remove(tmp)
-            for d in created:  # only folders this call created, innermost first, if empty
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
+            with _signals_deferred():  # a second Ctrl-C must not cut the clean-up short
+                _remove(tmp)
+                for d in created:  # only folders this call created, innermost first, if empty
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        break
     prog.note(f"wrote {dst} ({total / 2**20:.1f} MiB{', quantized' if block else ''})")
     return dst
 
@@ -593,7 +650,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; the partial output was removed", file=sys.stderr)
+        print(
+            "error: interrupted; nothing was written (the temporary output was removed and an "
+            "existing --mlx-path was left as it was)",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if in_main_thread and previous is not None:

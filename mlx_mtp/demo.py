@@ -2,7 +2,8 @@
 
 Both were trained from scratch on the Python standard library (see
 ``shared/models/README.md`` in the project) and converted to MLX: the target
-quantized to 4 bits, the assistant kept in bf16.  They are small enough to ship
+quantized to 4 bits and the assistant unquantized, both stored in float32 (fast on
+a CPU too).  They are small enough to ship
 inside the package so ``python -m mlx_mtp.generate`` works with no download.
 """
 
@@ -23,12 +24,12 @@ REAL_MODEL_HINT = (
 
 
 def demo_model_path() -> Path:
-    """Folder of the bundled demo target (MLX format, 4-bit)."""
+    """Folder of the bundled demo target (MLX format, 4-bit, float32 scales)."""
     return DEMO_DIR / DEMO_MODEL
 
 
 def demo_draft_path() -> Path:
-    """Folder of the bundled demo drafter (MLX format, bf16)."""
+    """Folder of the bundled demo drafter (MLX format, float32)."""
     return DEMO_DIR / DEMO_DRAFT
 
 

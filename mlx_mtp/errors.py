@@ -24,7 +24,7 @@ class CheckpointError(MtpError):
 
 
 class DrafterMismatchError(MtpError):
-    """The draft model cannot be paired with the target model."""
+    """The draft model cannot be paired with the target model (or the two are swapped)."""
 
 
 class GenerationError(MtpError):

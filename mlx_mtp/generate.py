@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 
 import mlx.core as mx
 
-from .errors import GenerationError, ModelNotFoundError, MtpError
+from .errors import DrafterMismatchError, GenerationError, ModelNotFoundError, MtpError
 from .sampling import Sampler, check_sampling_args, make_sampler, resolve_sampler
 
 if TYPE_CHECKING:  # the runtime imports are lazy: ``import mlx_mtp`` must stay fast
@@ -31,6 +31,17 @@ if TYPE_CHECKING:  # the runtime imports are lazy: ``import mlx_mtp`` must stay 
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PROMPT = "Hello!"
+
+# Messages shared by the API and the command line (the CLI prints them as ``error: ...``).
+EMPTY_PROMPT = "the prompt is empty; give some text to continue (--prompt on the command line)"
+DRAFTER_AS_TARGET = (
+    "the model is a Gemma 4 assistant drafter, not a target model; pass the target model it was "
+    "made for as the model (--model) and this drafter as the draft model (--draft-model)"
+)
+TARGET_AS_DRAFTER = (
+    "the draft model is a Gemma 4 target model, not an assistant drafter; pass the '-assistant' "
+    "checkpoint published for this target as the draft model (--draft-model)"
+)
 
 
 @dataclass
@@ -79,6 +90,15 @@ def _wrap_tokenizer(tokenizer):
     return TokenizerWrapper(tokenizer)
 
 
+def _quiet_length_warning(tokenizer) -> None:
+    """transformers warns when a prompt exceeds ``model_max_length``; ``_check_lengths`` gives
+    the real answer (against the model's context), so that warning is only noise."""
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    flags = getattr(inner, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags["sequence-length-is-longer-than-the-specified-maximum"] = True
+
+
 def _has_chat_template(tokenizer) -> bool:
     flag = getattr(tokenizer, "has_chat_template", None)
     if flag is not None:
@@ -103,7 +123,11 @@ def _render_chat(tokenizer, prompt: str, system: Optional[str], kwargs: Dict[str
     except Exception as exc:  # jinja2.TemplateError, or a template's raise_exception()
         if not _is_template_error(exc):
             raise
-        raise GenerationError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise GenerationError(
+            f"the chat template failed ({why}); fix the template in the tokenizer files or send "
+            "the raw prompt (--no-chat-template / chat_template=False)"
+        ) from None
     if not isinstance(text, str):  # some tokenizers ignore tokenize=False
         text = tokenizer.decode(text)
     return text
@@ -118,6 +142,67 @@ def _is_template_error(exc: Exception) -> bool:
         return True
     # transformers rejects bad arguments/templates with ValueError/TypeError.
     return isinstance(exc, (ValueError, TypeError, KeyError))
+
+
+def decode_prompt_bytes(data: bytes) -> str:
+    """UTF-8 bytes (e.g. read from stdin) -> prompt text; anything else is a ``GenerationError``."""
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GenerationError(
+            f"the prompt is not valid UTF-8 (byte {exc.start}: {bytes(data)[exc.start : exc.start + 1]!r}); "
+            "convert it to UTF-8 first (e.g. iconv -t UTF-8)"
+        ) from None
+
+
+def _check_text(prompt: str) -> None:
+    """Text must be encodable: lone surrogates (bytes decoded with errors='surrogateescape')."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GenerationError(
+            f"the prompt contains a character that is not valid Unicode text at index {exc.start} "
+            f"({prompt[exc.start]!r}, a lone surrogate); decode the input as UTF-8 without "
+            "errors='surrogateescape'"
+        ) from None
+
+
+# apply_chat_template arguments that mlx-mtp sets; as "variables" they would change what is rendered.
+_RESERVED_TEMPLATE_ARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "return_dict",
+        "chat_template",
+    }
+)
+
+
+def check_chat_template_kwargs(value: Any) -> Optional[Dict[str, Any]]:
+    """Extra chat-template variables must be a dict with string keys (or ``None``).
+
+    Variables the template does not use are passed through and ignored by it (as in
+    transformers' ``apply_chat_template``); only the shape is checked here.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise GenerationError(
+            "the chat template variables (--chat-template-config / chat_template_kwargs) must be "
+            f"a JSON object / dict of name -> value, got {type(value).__name__}"
+        )
+    for key in value:
+        if not isinstance(key, str):
+            raise GenerationError(f"chat template variable names must be strings, got {key!r}")
+        if key in _RESERVED_TEMPLATE_ARGS:
+            raise GenerationError(
+                f"{key!r} is set by mlx-mtp itself, not a chat template variable; remove it "
+                "(use --system / --no-chat-template for the prompt's shape)"
+            )
+    return value
 
 
 def encode_prompt(
@@ -136,12 +221,19 @@ def encode_prompt(
     special tokens); otherwise it is encoded with ``<bos>``.  A list of ids is
     used as given.
     """
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        prompt = decode_prompt_bytes(prompt)
     if isinstance(prompt, mx.array):
         if prompt.ndim != 1:
             raise GenerationError(f"a token-id prompt must be 1-D, got shape {tuple(prompt.shape)}")
         prompt = prompt.tolist()
     if not isinstance(prompt, str):
-        ids = list(prompt)
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise GenerationError(
+                f"the prompt must be text or a list of token ids, got {type(prompt).__name__}"
+            ) from None
         if not ids:
             raise GenerationError("the prompt is empty; give at least one token")
         if not all(_is_int(t) for t in ids):
@@ -153,10 +245,10 @@ def encode_prompt(
             )
         return ids
     if prompt == "":
-        raise GenerationError("the prompt is empty; give some text")
-    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
-        raise GenerationError("chat_template_kwargs must be a dict of template variables")
-    kwargs = dict(chat_template_kwargs or {})
+        raise GenerationError(EMPTY_PROMPT)
+    _check_text(prompt)
+    kwargs = dict(check_chat_template_kwargs(chat_template_kwargs) or {})
+    _quiet_length_warning(tokenizer)
     use_template = chat_template and _has_chat_template(tokenizer)
     bos_id = _bos_id(tokenizer)
     if use_template:
@@ -223,6 +315,11 @@ def _check_lengths(model, ids: List[int], max_tokens: int) -> None:
         )
 
 
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise GenerationError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+
+
 def _check_num_draft_tokens(n: Any) -> None:
     if n == "auto":
         return
@@ -233,6 +330,21 @@ def _check_num_draft_tokens(n: Any) -> None:
     if n > MAX_DRAFT_TOKENS:
         raise GenerationError(
             f"num_draft_tokens must be 'auto' or an integer in 0..{MAX_DRAFT_TOKENS}, got {n}"
+        )
+
+
+def check_roles(model, draft_model=None) -> None:
+    """A Gemma 4 target as ``model`` and an assistant (or nothing) as ``draft_model``."""
+    from .models.gemma4 import Model
+    from .models.gemma4_assistant import Drafter
+
+    if isinstance(model, Drafter):
+        raise DrafterMismatchError(DRAFTER_AS_TARGET)
+    if draft_model is not None and isinstance(draft_model, Model):
+        raise DrafterMismatchError(TARGET_AS_DRAFTER)
+    if not isinstance(model, Model):
+        raise GenerationError(
+            f"the model must be a Gemma 4 target loaded with mlx_mtp.load, got {type(model).__name__}"
         )
 
 
@@ -273,7 +385,8 @@ def stream_generate(
     Args:
         model, tokenizer: from ``mlx_mtp.load``.
         prompt: text (chat-templated when the tokenizer has a template and
-            ``chat_template`` is true) or a list of token ids (used as given).
+            ``chat_template`` is true), UTF-8 ``bytes``, or a list of token ids
+            (used as given).
         max_tokens: tokens to generate at most (1 .. context - prompt length).
         sampler: an ``mlx_mtp.Sampler`` (``make_sampler(temp, top_p, top_k)``);
             greedy when ``None``.
@@ -281,13 +394,19 @@ def stream_generate(
             MTP speculative decoding (same output distribution, faster).
         num_draft_tokens: tokens drafted per round, an int >= 0 or ``"auto"``.
         system: system prompt (a system turn of the chat template).
-        chat_template_kwargs: extra template variables (e.g. ``enable_thinking``).
-        seed: seeds MLX's random generator first (for reproducible sampling).
+        chat_template_kwargs: extra template variables (e.g. ``enable_thinking``);
+            variables the template does not use are ignored by it, names that
+            mlx-mtp sets itself (``add_generation_prompt``, ...) are refused.
+        seed: seeds MLX's random generator first.  Sampled text is reproducible
+            for a fixed ``num_draft_tokens``; with ``"auto"`` the drafts per round
+            follow measured timings, so it can differ between calls.
         prefill_step_size: prompt tokens per prefill forward.
 
     Invalid arguments raise ``GenerationError`` (a ``ValueError``) when called,
-    before any work; a mismatched drafter raises ``DrafterMismatchError``.
-    Closing the generator early is safe: every call builds its own cache.
+    before any work; a mismatched drafter, or a target and a drafter passed in
+    each other's place, raises ``DrafterMismatchError``.  Closing the generator
+    early, or a ``KeyboardInterrupt`` at any point, is safe: every call builds
+    its own cache.
     """
     sampler = resolve_sampler(sampler)
     check_sampling_args(sampler.temperature, sampler.top_p, sampler.top_k)
@@ -297,8 +416,8 @@ def stream_generate(
         raise GenerationError(
             f"prefill_step_size must be an integer >= 1, got {prefill_step_size!r}"
         )
-    if seed is not None and not _is_int(seed):
-        raise GenerationError(f"seed must be an integer, got {seed!r}")
+    _check_seed(seed)
+    check_roles(model, draft_model)
     tokenizer = _wrap_tokenizer(tokenizer)
     ids = encode_prompt(
         tokenizer,
@@ -563,8 +682,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("auto", "float32", "float16", "bfloat16"),
         default="auto",
-        help="Float dtype to load the weights in. 'auto' (default) keeps the checkpoint's dtype "
-        "on a GPU and uses float32 on the CPU, where MLX's bfloat16 quantized kernels are slow.",
+        help="Float dtype to load the weights in. 'auto' (default) keeps the checkpoint's dtype. "
+        "On a CPU, float32 activations are faster for quantized models: pass --dtype float32.",
     )
     parser.add_argument(
         "--prefill-step-size",
@@ -594,13 +713,7 @@ def _read_prompt(arg: Optional[str], demo: bool) -> str:
         return DEMO_PROMPT if demo else DEFAULT_PROMPT
     if arg == "-":
         data = sys.stdin.buffer.read() if sys.stdin is not None else b""
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise GenerationError(
-                f"the prompt read from stdin is not valid UTF-8 (byte {exc.start}: "
-                f"{data[exc.start : exc.start + 1]!r}); convert it to UTF-8 first"
-            ) from None
+        return decode_prompt_bytes(data)
     return arg.replace("\\n", "\n").replace("\\t", "\t")
 
 
@@ -610,19 +723,16 @@ def _template_kwargs(arg: Optional[str]) -> Optional[Dict[str, Any]]:
     try:
         value = json.loads(arg)
     except json.JSONDecodeError as exc:
-        raise GenerationError(f"--chat-template-config is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
         raise GenerationError(
-            f"--chat-template-config must be a JSON object, got {type(value).__name__}"
-        )
-    return value
+            f"--chat-template-config is not valid JSON ({exc}); pass a JSON object such as "
+            "'{\"enable_thinking\": true}'"
+        ) from None
+    return check_chat_template_kwargs(value)
 
 
 def _load_dtype(choice: str) -> Optional[str]:
-    """The dtype to pass to ``load``: ``None`` keeps the checkpoint's."""
-    if choice != "auto":
-        return choice
-    return "float32" if mx.default_device().type == mx.DeviceType.cpu else None
+    """The dtype to pass to ``load``: ``None`` (``auto``) keeps the checkpoint's."""
+    return None if choice == "auto" else choice
 
 
 def _verbose_lines(stats) -> List[str]:
@@ -647,13 +757,19 @@ def _run(args: argparse.Namespace) -> int:
     _check_num_draft_tokens(args.num_draft_tokens)
     if args.max_tokens is not None:
         _check_max_tokens(args.max_tokens)
+    _check_seed(args.seed)
+    if args.prefill_step_size < 1:
+        raise GenerationError(
+            f"prefill_step_size must be an integer >= 1, got {args.prefill_step_size!r}"
+        )
     template_kwargs = _template_kwargs(args.chat_template_config)
     demo = args.model is None
     prompt = _read_prompt(args.prompt, demo)
     if prompt == "":
-        raise GenerationError("the prompt is empty; give some text with --prompt")
+        raise GenerationError(EMPTY_PROMPT)
+    _check_text(prompt)
 
-    from .loading import load
+    from .loading import get_model_path, load, model_kind, read_config
 
     draft_path = None if args.no_mtp else args.draft_model
     if demo:
@@ -673,8 +789,18 @@ def _run(args: argparse.Namespace) -> int:
     else:
         model_path = args.model
 
+    # Roles from config.json alone, before any weights are read.
+    model_dir = get_model_path(str(model_path))
+    if model_kind(read_config(model_dir)) == "drafter":
+        raise DrafterMismatchError(DRAFTER_AS_TARGET)
+    if draft_path is not None:
+        draft_dir = get_model_path(str(draft_path))
+        if model_kind(read_config(draft_dir)) == "target":
+            raise DrafterMismatchError(TARGET_AS_DRAFTER)
+        draft_path = draft_dir
+
     dtype = _load_dtype(args.dtype)
-    model, tokenizer = load(str(model_path), dtype=dtype)
+    model, tokenizer = load(model_dir, dtype=dtype)
     draft_model = None
     if draft_path is not None:
         from .speculative import check_pair
@@ -743,7 +869,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         code = _run(args)
     except MtpError as exc:
         sys.stdout.flush()
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         code = 2
     except KeyboardInterrupt:  # while loading, before any text
         print("\n[interrupted]", file=sys.stderr, flush=True)

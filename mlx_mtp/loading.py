@@ -75,20 +75,18 @@ _MAX_HEADER = 100 * 1024 * 1024
 # paths, configs
 
 
-def _target_types() -> Tuple[str, ...]:
-    from .models.gemma4 import TARGET_MODEL_TYPES
+# Fixed names (tests check them against the model modules), so that telling a target
+# from a drafter needs no model code: a wrong folder is refused before anything heavy loads.
+TARGET_MODEL_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+ASSISTANT_MODEL_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
 
-    return tuple(TARGET_MODEL_TYPES)
+
+def _target_types() -> Tuple[str, ...]:
+    return TARGET_MODEL_TYPES
 
 
 def _assistant_types() -> Tuple[str, ...]:
-    # Fixed names so that the type check never depends on importing the module.
-    try:
-        from .models.gemma4_assistant import ASSISTANT_MODEL_TYPES
-
-        return tuple(ASSISTANT_MODEL_TYPES)
-    except ImportError:
-        return ("gemma4_assistant", "gemma4_unified_assistant")
+    return ASSISTANT_MODEL_TYPES
 
 
 def _looks_like_repo_id(text: str) -> bool:
@@ -131,6 +129,11 @@ def get_model_path(path_or_repo: PathLike) -> Path:
         if not path.is_dir():
             raise ModelNotFoundError(
                 f"{path} is a file, not a model folder: pass the folder that holds config.json"
+            )
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ModelNotFoundError(
+                f"model folder {path} cannot be read (permission denied); fix its permissions "
+                f"(e.g. chmod u+rx) or pass another folder"
             )
         return path
     if isinstance(path_or_repo, str) and _looks_like_repo_id(text):
@@ -221,7 +224,8 @@ def model_kind(config: dict) -> str:
     supported = ", ".join(targets + drafters)
     if not model_type:
         raise ModelConfigError(
-            f"config.json has no model_type; mlx-mtp supports Gemma 4 models ({supported})"
+            f"config.json has no model_type; mlx-mtp supports Gemma 4 models ({supported}): "
+            f"restore the config.json of the checkpoint"
         )
     if model_type in targets:
         return "target"
@@ -229,7 +233,8 @@ def model_kind(config: dict) -> str:
         return "drafter"
     raise ModelConfigError(
         f"unsupported model_type {model_type!r} in config.json; mlx-mtp supports Gemma 4 "
-        f"targets ({', '.join(targets)}) and Gemma 4 assistant drafters ({', '.join(drafters)})"
+        f"targets ({', '.join(targets)}) and Gemma 4 assistant drafters ({', '.join(drafters)}): "
+        f"pass a Gemma 4 checkpoint"
     )
 
 
@@ -471,25 +476,39 @@ def quantization_block(config: dict) -> Optional[dict]:
     return block
 
 
+_REQUANTIZE = (
+    "restore the config.json that came with these weights, or quantize the unquantized model "
+    "again with `python -m mlx_mtp.convert -q --q-bits B --q-group-size G`"
+)
+_MISMATCH = (
+    "the weights do not match config.json: use the config.json that came with these weights, "
+    "or download or convert the checkpoint again"
+)
+
+
 def _validate_qparams(params: dict, where: str) -> Tuple[int, int, str]:
     bits, group, mode = params.get("bits"), params.get("group_size"), params.get("mode", "affine")
     if mode not in SUPPORTED_MODES:
         raise ModelConfigError(
-            f"{where}: unsupported quantization mode {mode!r} (supported: {', '.join(SUPPORTED_MODES)})"
+            f"{where}: unsupported quantization mode {mode!r} (supported: {', '.join(SUPPORTED_MODES)}); "
+            f"{_REQUANTIZE}"
         )
     if mode == "affine":
         if bits not in SUPPORTED_BITS:
             raise ModelConfigError(
-                f"{where}: unsupported bits {bits!r} (supported: {', '.join(map(str, SUPPORTED_BITS))})"
+                f"{where}: unsupported bits {bits!r} (supported: {', '.join(map(str, SUPPORTED_BITS))}); "
+                f"{_REQUANTIZE}"
             )
         if group not in SUPPORTED_GROUP_SIZES:
             raise ModelConfigError(
-                f"{where}: unsupported group_size {group!r} (supported: {', '.join(map(str, SUPPORTED_GROUP_SIZES))})"
+                f"{where}: unsupported group_size {group!r} (supported: {', '.join(map(str, SUPPORTED_GROUP_SIZES))}); "
+                f"{_REQUANTIZE}"
             )
     elif (bits, group) != _FIXED_MODES[mode]:
         want_bits, want_group = _FIXED_MODES[mode]
         raise ModelConfigError(
-            f"{where}: mode {mode} needs bits {want_bits} and group_size {want_group}, got {bits} and {group}"
+            f"{where}: mode {mode} needs bits {want_bits} and group_size {want_group}, got {bits} and {group}; "
+            f"{_REQUANTIZE}"
         )
     return bits, group, mode
 
@@ -526,7 +545,7 @@ def implied_qparams(path: str, module: nn.Module, weights: Dict[str, mx.array]) 
     if n_groups == 0 or in_dims % n_groups or (w.shape[-1] * 32) % in_dims:
         raise CheckpointError(
             f"quantized tensors of {path} do not fit its input size {in_dims}: weight {tuple(w.shape)}, "
-            f"scales {tuple(s.shape)}; the checkpoint does not match config.json"
+            f"scales {tuple(s.shape)}; {_MISMATCH}"
         )
     return (w.shape[-1] * 32) // in_dims, in_dims // n_groups
 
@@ -626,7 +645,7 @@ def check_weights(
         more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{'...' if len(missing) > 4 else ''})"
         raise CheckpointError(
             f"{source} is missing tensor {k} (expected shape {_shape(params[k])})"
-            f"{more if len(missing) > 1 else ''}; the weights do not match config.json"
+            f"{more if len(missing) > 1 else ''}; {_MISMATCH}"
         )
     if unexpected:
         k = unexpected[0]
@@ -634,7 +653,7 @@ def check_weights(
         raise CheckpointError(
             f"{source} has unexpected tensor {label(k)} with shape {_shape(weights[k])} that the model "
             f"described by config.json does not have{more if len(unexpected) > 1 else ''}; "
-            f"the weights do not match config.json"
+            f"{_MISMATCH}"
         )
     out = {}
     for k, p in params.items():
@@ -642,17 +661,19 @@ def check_weights(
         if _shape(w) != _shape(p):
             raise CheckpointError(
                 f"tensor {label(k)} has shape {_shape(w)} in the {source} but the model expects {_shape(p)}; "
-                f"the weights do not match config.json"
+                f"{_MISMATCH}"
             )
         pf, wf = _is_float(p.dtype), _is_float(w.dtype)
         if pf != wf:
             raise CheckpointError(
                 f"tensor {label(k)} has dtype {w.dtype} in the {source} but the model expects a "
-                f"{'floating-point' if pf else 'integer'} tensor ({p.dtype}); the checkpoint is broken"
+                f"{'floating-point' if pf else 'integer'} tensor ({p.dtype}); the checkpoint is broken: "
+                f"download or convert it again"
             )
         if not pf and p.dtype == mx.uint32 and w.dtype != mx.uint32:
             raise CheckpointError(
-                f"quantized tensor {label(k)} has dtype {w.dtype} in the {source}, expected uint32"
+                f"quantized tensor {label(k)} has dtype {w.dtype} in the {source}, expected uint32; "
+                f"the checkpoint is broken: download or convert it again"
             )
         if pf and dtype is not None and w.dtype != dtype:
             w = w.astype(dtype)
@@ -665,8 +686,9 @@ def load_model(path: PathLike, *, dtype: Any = None, lazy: bool = False) -> nn.M
     want = parse_dtype(dtype)
     folder = get_model_path(path)
     config = read_config(folder)
+    model_kind(config)  # an unsupported model_type is refused first
+    raw = load_weight_files(folder)  # file-level problems next, before any model code runs
     model = build_model(config)
-    raw = load_weight_files(folder)
     try:
         weights = model.sanitize(raw)
     except MtpError:
