@@ -397,9 +397,10 @@ def stream_generate(
         chat_template_kwargs: extra template variables (e.g. ``enable_thinking``);
             variables the template does not use are ignored by it, names that
             mlx-mtp sets itself (``add_generation_prompt``, ...) are refused.
-        seed: seeds MLX's random generator first.  Sampled text is reproducible
-            for a fixed ``num_draft_tokens``; with ``"auto"`` the drafts per round
-            follow measured timings, so it can differ between calls.
+        seed: seeds MLX's random generator first, and makes sampled text
+            reproducible: with a seed, sampling and ``"auto"``, k is fixed at
+            ``SEEDED_NUM_DRAFT_TOKENS`` (auto's k schedule follows measured
+            timings, and the sample drawn depends on it).
         prefill_step_size: prompt tokens per prefill forward.
 
     Invalid arguments raise ``GenerationError`` (a ``ValueError``) when called,
@@ -428,9 +429,11 @@ def stream_generate(
     )
     _check_lengths(model, ids, max_tokens)
     if draft_model is not None:
-        from .speculative import check_pair
+        from .speculative import SEEDED_NUM_DRAFT_TOKENS, check_pair
 
         check_pair(model, draft_model)
+        if seed is not None and not sampler.greedy and num_draft_tokens == "auto":
+            num_draft_tokens = SEEDED_NUM_DRAFT_TOKENS
     return _stream(
         model,
         tokenizer,

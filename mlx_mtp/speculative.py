@@ -23,6 +23,8 @@ from .models.gemma4_assistant import Drafter
 from .sampling import Sampler, sample_from
 
 DEFAULT_NUM_DRAFT_TOKENS = "auto"
+# A seeded sampled run must not depend on timings, so "auto" becomes this fixed k.
+SEEDED_NUM_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 16
 
 

@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..cache import KVCache, SlidingKVCache
 from ..errors import ModelConfigError
@@ -318,6 +317,8 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        from mlx_lm.models.switch_layers import SwitchGLU  # imports all of mlx_lm: only for MoE
+
         self.switch_glu = SwitchGLU(
             cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, activation=_GeGLU(), bias=False
         )
