@@ -107,12 +107,13 @@ class AdaptiveController:
 
     # -- estimates --------------------------------------------------------
     def acceptance(self) -> List[float]:
-        """a_i for i = 1..k_max; unseen positions lean on the previous position."""
+        """a_i for i = 1..k_max; rarely tried positions lean on the previous one,
+        shrunk a little because acceptance falls with the draft position."""
         out, prev = [], self.prior_acceptance
         for i in range(1, self.k_max + 1):
             a = (self.hits[i] + self.prior_weight * prev) / (self.trials[i] + self.prior_weight)
             out.append(a)
-            prev = a
+            prev = 0.9 * a
         return out
 
     def expected_tokens(self, k: int) -> float:

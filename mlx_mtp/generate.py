@@ -583,11 +583,19 @@ def _mtp_line(stats, num_draft_tokens: Union[int, str, None] = None) -> str:
     if by_pos is None:
         by_pos = list(getattr(stats, "accepted_by_position", []))
     by_pos = "[" + ", ".join(f"{p:.2f}" if isinstance(p, float) else str(p) for p in by_pos) + "]"
-    return (
+    line = (
         f"MTP: k={k}, drafted {stats.drafted_tokens}, accepted {stats.accepted_tokens} "
         f"({100 * stats.acceptance_rate:.1f}%), mean tokens/target forward "
         f"{stats.mean_tokens_per_forward:.2f}, acceptance by position {by_pos}"
     )
+    plain_rounds, rounds = k_counts.get(0, 0), sum(k_counts.values())
+    if num_draft_tokens == "auto" and rounds and plain_rounds > rounds / 2:
+        line += (
+            f"\nMTP: auto ran {plain_rounds} of {rounds} target forwards as plain steps: on this "
+            "machine verifying drafts measured too costly for the drafts' acceptance "
+            "(pass --num-draft-tokens N to force drafting)"
+        )
+    return line
 
 
 def _mtp_warning(stats) -> Optional[str]:
