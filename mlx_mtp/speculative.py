@@ -247,14 +247,17 @@ def mtp_round(
 
 
 def prefill(target: Model, cache: list, ids: List[int], step: int, stats: GenerationStats) -> Tuple[mx.array, mx.array]:
-    """Run the prompt through the target in chunks; returns last logits and hidden."""
+    """Run the prompt through the target in chunks; returns last logits and hidden.
+
+    All but the last token only fill the caches: evaluating just the cache lets
+    MLX skip the KV-sharing consumer layers and the LM head for those positions.
+    """
     arr = mx.array(ids, dtype=mx.int32)
-    for start in range(0, len(ids) - step, step):
-        target.forward(arr[None, start : start + step], cache)
-        mx.eval([c.keys for c in cache])
+    for start in range(0, len(ids) - 1, step):
+        target.forward(arr[None, start : min(start + step, len(ids) - 1)], cache)
+        mx.eval([c.keys for c in cache] + [c.values for c in cache])
         stats.target_forwards += 1
-    last = ((len(ids) - 1) // step) * step
-    out = target.forward(arr[None, last:], cache, return_hidden=True, last_only=True)
+    out = target.forward(arr[None, -1:], cache, return_hidden=True)
     stats.target_forwards += 1
     return out.logits[0, -1], out.hidden[:, -1:]
 

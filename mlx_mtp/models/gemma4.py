@@ -266,9 +266,9 @@ def attend(q: mx.array, keys: mx.array, values: mx.array, offset: int, window: O
     ``keys`` are the most recent ``k_len`` positions ending at the last query.
     """
     s, k_len = q.shape[2], keys.shape[2]
-    if window is not None and (k_len > window or s > 1):
+    if window is not None and k_len > window:
         mask = sliding_mask(s, k_len, offset, window)
-    elif s > 1:
+    elif s > 1:  # every key is within the window: plain causal
         mask = "causal"
     else:
         mask = None

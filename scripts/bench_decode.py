@@ -1,0 +1,122 @@
+"""Plain decoding: mlx-mtp vs mlx-lm's own Gemma 4 on the same converted checkpoints.
+
+    python scripts/bench_decode.py [--regime-label stock|openblas] [--json PATH] [--quick]
+
+Models: the bundled demo target (4-bit with float32 and with bf16 activations, bf16) and a
+random E2B-width target (hidden 1536, 8 layers, 32k vocab; 4-bit and bf16), each converted
+once with our converter.  For every model, ours and mlx-lm's run alternately in one process;
+the table shows medians of prefill tok/s (a ~512-token prompt) and decode tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _bench_common import (  # noqa: E402
+    TARGET_SRC,
+    converted,
+    e2b_width_hf,
+    fresh,
+    loadavg,
+    log,
+    machine_info,
+    median,
+    regime_info,
+    table,
+    write_json,
+)
+
+
+def models(quick: bool):
+    """(name, folder, activation dtype label)."""
+    out = [
+        ("demo 4-bit (f32 act)", converted(TARGET_SRC, "demo-4bit-f32", quantize=True, dtype="float32")),
+        ("demo 4-bit (bf16 act)", converted(TARGET_SRC, "demo-4bit", quantize=True, dtype="bfloat16")),
+        ("demo bf16", converted(TARGET_SRC, "demo-bf16", quantize=False, dtype="bfloat16")),
+    ]
+    if not quick:
+        src = e2b_width_hf()
+        out += [
+            ("E2B-width 4-bit (f32 act)", converted(src, "e2bw-4bit-f32", quantize=True, dtype="float32")),
+            ("E2B-width bf16", converted(src, "e2bw-bf16", quantize=False, dtype="bfloat16")),
+        ]
+    return out
+
+
+def run_ours(model, ids, n):
+    from mlx_mtp.sampling import Sampler
+    from mlx_mtp.speculative import GenerationStats, generate_tokens
+
+    fresh()
+    stats = GenerationStats()
+    for _ in generate_tokens(model, ids, max_tokens=n, sampler=Sampler(), stats=stats):
+        pass
+    return stats.prompt_tps, stats.generation_tps
+
+
+def run_mlx_lm(model, ids, n):
+    from mlx_lm.generate import generate_step
+
+    fresh()
+    tic = time.perf_counter()
+    for i, (tok, _) in enumerate(generate_step(mx.array(ids), model, max_tokens=n)):
+        if i == 0:
+            mx.eval(tok)
+            first = time.perf_counter()
+    done = time.perf_counter()
+    return len(ids) / (first - tic), (n - 1) / (done - first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--regime-label", default="stock", choices=["stock", "openblas"])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    import mlx_lm
+
+    from mlx_mtp.loading import load
+
+    regime = regime_info(args.regime_label)
+    prompt_len, n = (128, 32) if args.quick else (512, 128)
+    ids = [2] + np.random.default_rng(0).integers(4, 4096, prompt_len - 1).tolist()
+    rows = []
+    for name, folder in models(args.quick):
+        log(f"{name}: {folder}")
+        ours, _ = load(str(folder))
+        theirs, _ = mlx_lm.load(str(folder))
+        run_ours(ours, ids, 8)
+        run_mlx_lm(theirs, ids, 8)  # warm-up both
+        o, t = [], []
+        for _ in range(1 if args.quick else args.reps):
+            o.append(run_ours(ours, ids, n))
+            t.append(run_mlx_lm(theirs, ids, n))
+        row = {
+            "model": name,
+            "ours_prefill_tps": median(x[0] for x in o),
+            "mlx_lm_prefill_tps": median(x[0] for x in t),
+            "ours_decode_tps": median(x[1] for x in o),
+            "mlx_lm_decode_tps": median(x[1] for x in t),
+        }
+        row["decode_ratio"] = row["ours_decode_tps"] / row["mlx_lm_decode_tps"]
+        row["prefill_ratio"] = row["ours_prefill_tps"] / row["mlx_lm_prefill_tps"]
+        rows.append(row)
+        del ours, theirs
+    heads = ["model", "ours_prefill_tps", "mlx_lm_prefill_tps", "prefill_ratio", "ours_decode_tps", "mlx_lm_decode_tps", "decode_ratio"]
+    print(f"regime: {args.regime_label}  prompt {prompt_len} tokens, decode {n} tokens, median of {args.reps}")
+    print(table(heads, [[r[h] for h in heads] for r in rows], nd=2))
+    write_json(args.json, {"regime": regime, "machine": machine_info(), "loadavg": loadavg(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
