@@ -113,7 +113,8 @@ def main() -> None:
         rows.append(row)
         del ours, theirs
     heads = ["model", "ours_prefill_tps", "mlx_lm_prefill_tps", "prefill_ratio", "ours_decode_tps", "mlx_lm_decode_tps", "decode_ratio"]
-    print(f"regime: {args.regime_label}  prompt {prompt_len} tokens, decode {n} tokens, median of {args.reps}")
+    reps = 1 if args.quick else args.reps
+    print(f"regime: {args.regime_label}  prompt {prompt_len} tokens, decode {n} tokens, median of {reps}")
     print(table(heads, [[r[h] for h in heads] for r in rows], nd=2))
     write_json(args.json, {"regime": regime, "machine": machine_info(), "loadavg": loadavg(), "rows": rows})
 
