@@ -9,7 +9,8 @@ expected tokens per second, from what it measures during the run:
   (exponentially decayed counts, so it follows a change of regime).
 
 Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``;
-its cost: ``k * c_draft + T(k + 1)``.  k = 0 is a plain decoding step; while
+its cost: the observed wall time of rounds with k drafts where there are
+any, else the model ``overhead + k * c_draft + T(k + 1)``.  k = 0 is a plain decoding step; while
 there, the controller still probes now and then to notice when drafting pays.
 """
 
@@ -29,6 +30,8 @@ class RoundTiming:
 
 
 class Controller(Protocol):
+    def start_request(self) -> None: ...
+
     def choose(self) -> int: ...
 
     def plain_burst(self) -> int: ...
@@ -38,6 +41,8 @@ class Controller(Protocol):
     def observe(self, k: int, accepted: int) -> None: ...
 
     def observe_cost(self, k: int, timing: RoundTiming) -> None: ...
+
+    def observe_round_time(self, k: int, seconds: float) -> None: ...
 
     def wants_timing(self) -> bool: ...
 
@@ -49,6 +54,9 @@ class FixedController:
         self.k = k
         self.timing_every = timing_every
         self.rounds = 0
+
+    def start_request(self) -> None:
+        pass
 
     def choose(self) -> int:
         return self.k
@@ -65,6 +73,9 @@ class FixedController:
     def observe_cost(self, k: int, timing: RoundTiming) -> None:
         pass
 
+    def observe_round_time(self, k: int, seconds: float) -> None:
+        pass
+
     def wants_timing(self) -> bool:
         return self.rounds >= 2 and (self.rounds < 8 or self.rounds % self.timing_every == 0)
 
@@ -72,20 +83,30 @@ class FixedController:
 class AdaptiveController:
     """Online choice of k from measured costs and acceptance (see module docstring)."""
 
-    CALIBRATION = (4, 0, 2, 6, 3, 0)
+    # Timed rounds at several k measure the verify-cost curve and the drafter cost.  No k = 0
+    # here: until plain bursts are measured, a plain step is priced as a 1-token verify.
+    CALIBRATION = (4, 2, 6, 3)
 
     def __init__(
         self,
         k_max: int = 8,
-        decay: float = 0.97,
+        decay: float = 0.95,
         prior_acceptance: float = 0.7,
-        prior_weight: float = 2.0,
+        prior_weight: float = 1.0,
         warmup_rounds: int = 2,
         timing_every: int = 8,
         probe_interval: int = 16,
         max_probe_interval: int = 256,
+        request_memory: float = 0.1,
+        explore_every: int = 16,
+        clear_loss: float = 0.85,
+        position_decline: float = 0.98,
     ):
         self.k_max = k_max
+        self.request_memory = request_memory
+        self.explore_every = explore_every
+        self.clear_loss = clear_loss
+        self.position_decline = position_decline
         self.decay = decay
         self.prior_acceptance = prior_acceptance
         self.prior_weight = prior_weight
@@ -101,20 +122,27 @@ class AdaptiveController:
         self.plain_cost: Optional[float] = None  # seconds per pipelined plain step
         self.overhead = 0.0  # seconds per round outside drafting and verifying
         self.overhead_n = 0
+        self.round_cost: Dict[int, float] = {}  # k -> seconds of a whole round, as observed
+        self.round_seen: Dict[int, int] = {}
         self.rounds = 0
         self.probe_due = False
-        self.history: List[int] = []
+        self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
 
     # -- estimates --------------------------------------------------------
     def acceptance(self) -> List[float]:
-        """a_i for i = 1..k_max; rarely tried positions lean on the previous one,
-        shrunk a little because acceptance falls with the draft position."""
-        out, prev = [], self.prior_acceptance
-        for i in range(1, self.k_max + 1):
-            a = (self.hits[i] + self.prior_weight * prev) / (self.trials[i] + self.prior_weight)
-            out.append(a)
-            prev = 0.9 * a
-        return out
+        """a_i for i = 1..k_max.
+
+        Each position shrinks towards the rate pooled over all positions, so every
+        round informs every estimate (conditional acceptance is roughly flat in the
+        position) and rarely tried positions are not guessed from one or two rounds;
+        the pooled rate itself starts from ``prior_acceptance``.
+        """
+        w = self.prior_weight
+        pooled = (sum(self.hits) + w * self.prior_acceptance) / (sum(self.trials) + w)
+        return [
+            (self.hits[i] + w * pooled * self.position_decline ** (i - 1)) / (self.trials[i] + w)
+            for i in range(1, self.k_max + 1)
+        ]
 
     def expected_tokens(self, k: int) -> float:
         total, run = 1.0, 1.0
@@ -145,13 +173,30 @@ class AdaptiveController:
         """Expected wall time of a round with k drafts (k = 0: one plain step)."""
         if k == 0 and self.plain_cost is not None:
             return self.plain_cost
+        if k in self.round_cost:
+            return self.round_cost[k]
         return self.overhead + k * (self.draft_cost or 0.0) + self.verify_time(k + 1)
 
-    def best_k(self) -> int:
-        rates = [self.expected_tokens(k) / self.round_time(k) for k in range(self.k_max + 1)]
-        return max(range(self.k_max + 1), key=lambda k: (rates[k], -k))
+    def rates(self) -> List[float]:
+        """Expected tokens per second for k = 0..k_max."""
+        return [self.expected_tokens(k) / self.round_time(k) for k in range(self.k_max + 1)]
+
+    def best_k(self, low: int = 0) -> int:
+        """The k in low..k_max with the highest expected rate (the smaller on ties)."""
+        rates = self.rates()
+        return max(range(low, self.k_max + 1), key=lambda k: (rates[k], -k))
 
     # -- protocol -----------------------------------------------------------
+    def start_request(self) -> None:
+        """A new prompt: keep the measured costs (they belong to this machine and pair)
+        but let the new text's acceptance take over within a few rounds, and look for
+        paying drafts again soon even if the last request ended at k = 0."""
+        for i in range(1, self.k_max + 1):
+            self.trials[i] *= self.request_memory
+            self.hits[i] *= self.request_memory
+        self.probe_interval = self.base_probe_interval
+        self.probe_due = False
+
     def choose(self) -> int:
         calibrating = self.rounds - self.warmup_rounds
         if calibrating < 0:
@@ -162,9 +207,13 @@ class AdaptiveController:
         else:
             k = self.best_k()
             if k == 0 and self.probe_due:
-                k = 2  # probe: does drafting pay again?
+                k = self.best_k(low=1)  # probe: does the most promising k pay (again)?
+            elif k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
+                # Explore: acceptance at positions past the chosen k is otherwise never
+                # observed, and a pessimistic guess there would keep k small for good.
+                k = min(self.k_max, k + 2)
             self.probe_due = False
-        self.history.append(k)
+        self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
         return k
 
     def plain_burst(self) -> int:
@@ -174,7 +223,13 @@ class AdaptiveController:
             return 4
         steps = self.probe_interval
         self.probe_due = True
-        self.probe_interval = min(self.max_probe_interval, self.probe_interval * 2)
+        rates = self.rates()
+        if max(rates[1:]) < self.clear_loss * rates[0]:
+            # Drafting clearly loses: probe ever more rarely, so probes cost little.
+            self.probe_interval = min(self.max_probe_interval, self.probe_interval * 2)
+        else:
+            # A close call: probe often, each probe sharpens the acceptance estimate.
+            self.probe_interval = self.base_probe_interval
         return steps
 
     def observe_plain(self, steps: int, seconds: float) -> None:
@@ -205,17 +260,23 @@ class AdaptiveController:
         self.overhead = rest if self.overhead_n == 0 else 0.7 * self.overhead + 0.3 * rest
         self.overhead_n += 1
 
+    def observe_round_time(self, k: int, seconds: float) -> None:
+        """Wall time of a whole round (every round: it costs no extra synchronisation).
+
+        Observed totals beat the cost model where there are any; the first round at
+        each k is dropped (new shapes allocate), as are warm-up rounds.
+        """
+        if self.rounds <= self.warmup_rounds:
+            return
+        seen = self.round_seen.get(k, 0)
+        self.round_seen[k] = seen + 1
+        if seen >= 1:
+            self.round_cost[k] = _ema(self.round_cost.get(k), seconds, 0.2)
+
     def wants_timing(self) -> bool:
         r = self.rounds
         calibrating = r - self.warmup_rounds < len(self.CALIBRATION)
         return r >= self.warmup_rounds and (calibrating or r % self.timing_every == 0)
-
-    @property
-    def k_histogram(self) -> Dict[int, int]:
-        out: Dict[int, int] = {}
-        for k in self.history:
-            out[k] = out.get(k, 0) + 1
-        return out
 
 
 def _ema(old: Optional[float], new: float, weight: float = 0.3) -> float:

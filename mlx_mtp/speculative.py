@@ -373,6 +373,7 @@ def _plain_steps(model, cache, state, sampler, max_tokens, stop_ids, stats) -> I
 def _mtp_steps(model, drafter, cache, state, sampler, max_tokens, stop_ids, stats, controller) -> Iterator[Tuple[int, bool]]:
     """Speculative decoding: rounds of draft + verify (or plain bursts when k = 0)."""
     stats.mtp = True
+    controller.start_request()
     first = state.token.item()
     yield first, False
     if first in stop_ids:
@@ -408,9 +409,11 @@ def _mtp_steps(model, drafter, cache, state, sampler, max_tokens, stop_ids, stat
             yield tok, i < n
             if tok in stop_ids or produced >= max_tokens:
                 return
+        # Wall time of the whole round, consumer included, as for plain bursts.
+        elapsed = time.perf_counter() - tic
+        controller.observe_round_time(k, elapsed)
         if timing is not None:
-            # Wall time of the whole round, consumer included, as for plain bursts.
-            timing.total = time.perf_counter() - tic
+            timing.total = elapsed
             controller.observe_cost(k, timing)
             stats.draft_time += timing.draft
             stats.target_time += timing.verify

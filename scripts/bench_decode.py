@@ -3,9 +3,10 @@
     python scripts/bench_decode.py [--regime-label stock|openblas] [--json PATH] [--quick]
 
 Models: the bundled demo target (4-bit with float32 and with bf16 activations, bf16) and a
-random E2B-width target (hidden 1536, 8 layers, 32k vocab; 4-bit and bf16), each converted
+random E2B-width target (hidden 1536, 4 layers, 32k vocab; 4-bit and bf16), each converted
 once with our converter.  For every model, ours and mlx-lm's run alternately in one process;
-the table shows medians of prefill tok/s (a ~512-token prompt) and decode tok/s.
+the table shows medians over ``--reps`` of prefill tok/s and decode tok/s (demo: 512-token
+prompt, 128 new tokens; E2B-width: 256 and 64, so a run fits in minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -37,17 +38,17 @@ from _bench_common import (  # noqa: E402
 
 
 def models(quick: bool):
-    """(name, folder, activation dtype label)."""
+    """(name, folder, prompt tokens, new tokens)."""
     out = [
-        ("demo 4-bit (f32 act)", converted(TARGET_SRC, "demo-4bit-f32", quantize=True, dtype="float32")),
-        ("demo 4-bit (bf16 act)", converted(TARGET_SRC, "demo-4bit", quantize=True, dtype="bfloat16")),
-        ("demo bf16", converted(TARGET_SRC, "demo-bf16", quantize=False, dtype="bfloat16")),
+        ("demo 4-bit (f32 act)", converted(TARGET_SRC, "demo-4bit-f32", quantize=True, dtype="float32"), 512, 128),
+        ("demo 4-bit (bf16 act)", converted(TARGET_SRC, "demo-4bit", quantize=True, dtype="bfloat16"), 512, 128),
+        ("demo bf16", converted(TARGET_SRC, "demo-bf16", quantize=False, dtype="bfloat16"), 512, 128),
     ]
     if not quick:
         src = e2b_width_hf()
         out += [
-            ("E2B-width 4-bit (f32 act)", converted(src, "e2bw-4bit-f32", quantize=True, dtype="float32")),
-            ("E2B-width bf16", converted(src, "e2bw-bf16", quantize=False, dtype="bfloat16")),
+            ("E2B-width 4-bit (f32 act)", converted(src, "e2bw4-4bit-f32", quantize=True, dtype="float32"), 256, 64),
+            ("E2B-width bf16", converted(src, "e2bw4-bf16", quantize=False, dtype="bfloat16"), 256, 64),
         ]
     return out
 
@@ -80,7 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime-label", default="stock", choices=["stock", "openblas"])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="demo rows only, 128-token prompt, 32 new tokens")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     import mlx_lm
@@ -88,21 +89,30 @@ def main() -> None:
     from mlx_mtp.loading import load
 
     regime = regime_info(args.regime_label)
-    prompt_len, n = (128, 32) if args.quick else (512, 128)
-    ids = [2] + np.random.default_rng(0).integers(4, 4096, prompt_len - 1).tolist()
     rows = []
-    for name, folder in models(args.quick):
-        log(f"{name}: {folder}")
+    for name, folder, prompt_len, n in models(args.quick):
+        if args.quick:
+            prompt_len, n = 128, 32
+        ids = [2] + np.random.default_rng(0).integers(4, 4096, prompt_len - 1).tolist()
+        log(f"{name}: {folder} (prompt {prompt_len}, {n} new tokens, {args.reps} reps)")
         ours, _ = load(str(folder))
         theirs, _ = mlx_lm.load(str(folder))
         run_ours(ours, ids, 8)
         run_mlx_lm(theirs, ids, 8)  # warm-up both
         o, t = [], []
-        for _ in range(1 if args.quick else args.reps):
-            o.append(run_ours(ours, ids, n))
-            t.append(run_mlx_lm(theirs, ids, n))
+        for rep in range(args.reps):
+            # Alternate which implementation goes first, so neither always runs on a warmer machine.
+            if rep % 2 == 0:
+                o.append(run_ours(ours, ids, n))
+                t.append(run_mlx_lm(theirs, ids, n))
+            else:
+                t.append(run_mlx_lm(theirs, ids, n))
+                o.append(run_ours(ours, ids, n))
         row = {
             "model": name,
+            "prompt_tokens": prompt_len,
+            "new_tokens": n,
+            "reps": args.reps,
             "ours_prefill_tps": median(x[0] for x in o),
             "mlx_lm_prefill_tps": median(x[0] for x in t),
             "ours_decode_tps": median(x[1] for x in o),
@@ -111,10 +121,20 @@ def main() -> None:
         row["decode_ratio"] = row["ours_decode_tps"] / row["mlx_lm_decode_tps"]
         row["prefill_ratio"] = row["ours_prefill_tps"] / row["mlx_lm_prefill_tps"]
         rows.append(row)
+        log(f"  prefill x{row['prefill_ratio']:.2f}, decode x{row['decode_ratio']:.2f}")
         del ours, theirs
-    heads = ["model", "ours_prefill_tps", "mlx_lm_prefill_tps", "prefill_ratio", "ours_decode_tps", "mlx_lm_decode_tps", "decode_ratio"]
-    reps = 1 if args.quick else args.reps
-    print(f"regime: {args.regime_label}  prompt {prompt_len} tokens, decode {n} tokens, median of {reps}")
+    heads = [
+        "model",
+        "prompt_tokens",
+        "new_tokens",
+        "ours_prefill_tps",
+        "mlx_lm_prefill_tps",
+        "prefill_ratio",
+        "ours_decode_tps",
+        "mlx_lm_decode_tps",
+        "decode_ratio",
+    ]
+    print(f"regime: {args.regime_label}; medians of {args.reps} alternating runs per implementation")
     print(table(heads, [[r[h] for h in heads] for r in rows], nd=2))
     write_json(args.json, {"regime": regime, "machine": machine_info(), "loadavg": loadavg(), "rows": rows})
 

@@ -25,8 +25,10 @@ def simulate(ctrl, rounds, accept_p, verify_cost, draft_cost, rng):
             n += 1
         timed = ctrl.wants_timing()
         ctrl.observe(k, n)
+        total = k * draft_cost + verify_cost(k + 1) + 0.5
+        ctrl.observe_round_time(k, total)
         if timed:
-            ctrl.observe_cost(k, RoundTiming(k * draft_cost, verify_cost(k + 1), k * draft_cost + verify_cost(k + 1) + 0.5))
+            ctrl.observe_cost(k, RoundTiming(k * draft_cost, verify_cost(k + 1), total))
         ks.append(k)
     return ks
 
@@ -78,11 +80,61 @@ def test_plain_bursts_while_at_zero_keep_probing():
     assert ctrl.probe_interval == 256
 
 
+def test_new_request_keeps_costs_but_relearns_acceptance():
+    rng = random.Random(4)
+    ctrl = AdaptiveController(k_max=8)
+    cheap = lambda m: 10.0 + 0.2 * m  # noqa: E731
+    simulate(ctrl, 150, 0.0, cheap, 5.0, rng)  # a prompt the drafter cannot guess
+    assert ctrl.best_k() == 0 and ctrl.probe_interval > ctrl.base_probe_interval
+    costs = dict(ctrl.verify_cost)
+    ctrl.start_request()
+    assert ctrl.verify_cost == costs and ctrl.probe_interval == ctrl.base_probe_interval
+    # The next prompt is easy: within a few dozen rounds the controller drafts deep again.
+    ks = simulate(ctrl, 60, 0.97, cheap, 5.0, rng)
+    assert tail_mode(ks, 20) >= 3
+
+
+def test_close_calls_are_probed_often_clear_losses_rarely():
+    # Drafting clearly loses (verify cost grows 10x per token, 30% acceptance): probes back off.
+    ctrl = AdaptiveController()
+    simulate(ctrl, 200, 0.3, lambda m: 10.0 * m, 2.0, random.Random(5))
+    assert ctrl.probe_interval == ctrl.max_probe_interval
+    # Near break-even (k=1 about as fast as plain): the probe interval stays short.
+    ctrl = AdaptiveController()
+    simulate(ctrl, 200, 0.45, lambda m: 10.0 + 4.0 * (m - 1), 0.5, random.Random(6))
+    assert ctrl.best_k() == 0 or ctrl.probe_interval == ctrl.base_probe_interval
+
+
+def test_observed_round_times_override_the_cost_model():
+    """Split timings say k = 6 is cheap, whole rounds at k >= 3 say otherwise (e.g. memory pressure)."""
+    ctrl = AdaptiveController(k_max=8)
+    rng = random.Random(7)
+    for _ in range(300):
+        k = ctrl.choose()
+        if k == 0:
+            steps = ctrl.plain_burst()
+            ctrl.observe_plain(steps, steps * 10.0)
+            continue
+        n = sum(1 for _ in iter(lambda: rng.random() < 0.9, False)) if k else 0
+        n = min(n, k)
+        timed = ctrl.wants_timing()
+        ctrl.observe(k, n)
+        model_total = k * 0.3 + 10.0 + 0.2 * (k + 1)
+        ctrl.observe_round_time(k, model_total if k <= 2 else 100.0)
+        if timed:
+            ctrl.observe_cost(k, RoundTiming(k * 0.3, 10.0 + 0.2 * (k + 1), model_total))
+    assert ctrl.best_k() in (1, 2)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_auto_keeps_greedy_output_identical(seed):
     model, drafter = make_pair(seed=seed, window=8)
     prompt = list(range(4, 24))
     plain = [t for t, _ in generate_tokens(model, prompt, max_tokens=120, sampler=Sampler())]
-    auto = [t for t, _ in generate_tokens(model, prompt, max_tokens=120, sampler=Sampler(),
-                                          draft_model=drafter, num_draft_tokens="auto")]
+    auto = [
+        t
+        for t, _ in generate_tokens(
+            model, prompt, max_tokens=120, sampler=Sampler(), draft_model=drafter, num_draft_tokens="auto"
+        )
+    ]
     assert auto == plain
