@@ -83,21 +83,23 @@ class FixedController:
 class AdaptiveController:
     """Online choice of k from measured costs and acceptance (see module docstring)."""
 
-    # Timed rounds at several k measure the verify-cost curve and the drafter cost.  No k = 0
-    # here: until plain bursts are measured, a plain step is priced as a 1-token verify.
-    CALIBRATION = (4, 2, 6, 3)
+    # Timed rounds at several k measure the verify-cost curve and the drafter cost; the one
+    # k = 0 entry, a short plain burst, prices plain steps, which are pipelined and cost less
+    # than a 1-token verify round (extrapolating the verify curve to 1 token overprices them).
+    CALIBRATION = (4, 2, 0, 6, 3)
+    CALIBRATION_BURST = 8
 
     def __init__(
         self,
         k_max: int = 8,
         decay: float = 0.95,
         prior_acceptance: float = 0.7,
-        prior_weight: float = 1.0,
+        prior_weight: float = 2.0,
         warmup_rounds: int = 2,
         timing_every: int = 8,
         probe_interval: int = 16,
         max_probe_interval: int = 256,
-        request_memory: float = 0.1,
+        request_memory: float = 0.3,
         explore_every: int = 16,
         clear_loss: float = 0.85,
         position_decline: float = 0.98,
@@ -132,17 +134,19 @@ class AdaptiveController:
     def acceptance(self) -> List[float]:
         """a_i for i = 1..k_max.
 
-        Each position shrinks towards the rate pooled over all positions, so every
-        round informs every estimate (conditional acceptance is roughly flat in the
-        position) and rarely tried positions are not guessed from one or two rounds;
-        the pooled rate itself starts from ``prior_acceptance``.
+        Position 1 shrinks towards the rate pooled over all positions (so every round
+        informs it), each later position towards the estimate of the one before it,
+        a little lower: acceptance falls with the position, and rarely tried deep
+        positions must not be guessed from one or two rounds.
         """
         w = self.prior_weight
-        pooled = (sum(self.hits) + w * self.prior_acceptance) / (sum(self.trials) + w)
-        return [
-            (self.hits[i] + w * pooled * self.position_decline ** (i - 1)) / (self.trials[i] + w)
-            for i in range(1, self.k_max + 1)
-        ]
+        prev = (sum(self.hits) + w * self.prior_acceptance) / (sum(self.trials) + w)
+        out = []
+        for i in range(1, self.k_max + 1):
+            prev = (self.hits[i] + w * prev) / (self.trials[i] + w)
+            out.append(prev)
+            prev *= self.position_decline
+        return out
 
     def expected_tokens(self, k: int) -> float:
         total, run = 1.0, 1.0
@@ -220,7 +224,7 @@ class AdaptiveController:
         """Plain steps to run before asking again (k = 0 was chosen)."""
         if self.rounds - self.warmup_rounds < len(self.CALIBRATION):
             self.rounds += 1
-            return 4
+            return self.CALIBRATION_BURST
         steps = self.probe_interval
         self.probe_due = True
         rates = self.rates()
@@ -280,4 +284,8 @@ class AdaptiveController:
 
 
 def _ema(old: Optional[float], new: float, weight: float = 0.3) -> float:
-    return new if old is None else (1 - weight) * old + weight * new
+    """Exponential moving average; a sample above 1.5x the average (a page fault, another
+    process, the garbage collector) counts as 1.5x, so one hiccup cannot rule out a k."""
+    if old is None:
+        return new
+    return (1 - weight) * old + weight * min(new, 1.5 * old)
