@@ -149,11 +149,15 @@ class AdaptiveController:
         return out
 
     def expected_tokens(self, k: int) -> float:
-        total, run = 1.0, 1.0
-        for a in self.acceptance()[:k]:
+        """Expected tokens from a round with k drafts: 1 + sum_i prod_{j<=i} a_j."""
+        return self._expected_tokens_all()[k]
+
+    def _expected_tokens_all(self) -> List[float]:
+        out, run = [1.0], 1.0
+        for a in self.acceptance():
             run *= a
-            total += run
-        return total
+            out.append(out[-1] + run)
+        return out
 
     def verify_time(self, m: int) -> float:
         """Estimated seconds to verify m tokens: measured, else a linear fit."""
@@ -183,7 +187,8 @@ class AdaptiveController:
 
     def rates(self) -> List[float]:
         """Expected tokens per second for k = 0..k_max."""
-        return [self.expected_tokens(k) / self.round_time(k) for k in range(self.k_max + 1)]
+        tokens = self._expected_tokens_all()
+        return [tokens[k] / self.round_time(k) for k in range(self.k_max + 1)]
 
     def best_k(self, low: int = 0) -> int:
         """The k in low..k_max with the highest expected rate (the smaller on ties)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Set, Union
@@ -891,6 +892,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         except OSError:
             pass
         code = 0
+    if code == 130:
+        # An interrupt inside an import that runs code through the C API (as some extensions
+        # do while loading) leaves CPython's "unhandled KeyboardInterrupt" flag set, and the
+        # interpreter would then end by killing itself with SIGINT instead of exiting 130.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # e.g. the reading end of a pipe is gone
+                pass
+        os._exit(code)
     sys.exit(code)
 
 
