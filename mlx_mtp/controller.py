@@ -17,7 +17,7 @@ there, the controller still probes now and then to notice when drafting pays.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol, Set
 
 
 @dataclass
@@ -125,7 +125,7 @@ class AdaptiveController:
         self.overhead = 0.0  # seconds per round outside drafting and verifying
         self.overhead_n = 0
         self.round_cost: Dict[int, float] = {}  # k -> seconds of a whole round, as observed
-        self.round_seen: Dict[int, int] = {}
+        self.round_seen: Set[int] = set()  # k whose first (allocating) round was dropped
         self.rounds = 0
         self.probe_due = False
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
@@ -215,6 +215,9 @@ class AdaptiveController:
             k = min(self.k_max, self.CALIBRATION[calibrating])
         else:
             k = self.best_k()
+            if k > 0:
+                # Drafting pays: if it stops paying, the first probe comes soon.
+                self.probe_interval = self.base_probe_interval
             if k == 0 and self.probe_due:
                 k = self.best_k(low=1)  # probe: does the most promising k pay (again)?
             elif k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
@@ -255,8 +258,6 @@ class AdaptiveController:
         for i in range(1, min(k, accepted + 1) + 1):
             self.trials[i] += 1.0
             self.hits[i] += float(i <= accepted)
-        if k > 0 and accepted > 0 and self.best_k() > 0:
-            self.probe_interval = self.base_probe_interval
 
     def observe_cost(self, k: int, timing: RoundTiming) -> None:
         """Costs measured on a timed round (warm-up rounds are ignored)."""
@@ -277,10 +278,9 @@ class AdaptiveController:
         """
         if self.rounds <= self.warmup_rounds:
             return
-        seen = self.round_seen.get(k, 0)
-        self.round_seen[k] = seen + 1
-        if seen >= 1:
+        if k in self.round_seen:
             self.round_cost[k] = _ema(self.round_cost.get(k), seconds, 0.2)
+        self.round_seen.add(k)
 
     def wants_timing(self) -> bool:
         r = self.rounds
