@@ -9,15 +9,18 @@ expected tokens per second, from what it measures during the run:
   (exponentially decayed counts, so it follows a change of regime).
 
 Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``;
-its cost: the observed wall time of rounds with k drafts where there are
-any, else the model ``overhead + k * c_draft + T(k + 1)``.  k = 0 is a plain decoding step; while
-there, the controller still probes now and then to notice when drafting pays.
+its cost: the observed wall time of rounds with k drafts, smoothed by a line
+fitted through the times of all observed k (for an unobserved k, the lower of
+the line and the model ``overhead + k * c_draft + T(k + 1)`` from split-timed
+rounds).  k = 0 is a plain decoding step; while there, the controller still
+probes now and then (as rarely as keeps a probe's expected loss near 1%) to
+notice when drafting pays.  A new request starts at most ``start_k`` deep.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Set
+from typing import Dict, List, Optional, Protocol, Set, Tuple
 
 
 @dataclass
@@ -87,7 +90,7 @@ class AdaptiveController:
     # k = 0 entry, a short plain burst, prices plain steps, which are pipelined and cost less
     # than a 1-token verify round (extrapolating the verify curve to 1 token overprices them).
     CALIBRATION = (4, 2, 0, 6, 3)
-    CALIBRATION_BURST = 8
+    CALIBRATION_BURST = 16
 
     def __init__(
         self,
@@ -98,17 +101,33 @@ class AdaptiveController:
         warmup_rounds: int = 2,
         timing_every: int = 8,
         probe_interval: int = 16,
+        first_burst: int = 4,
         max_probe_interval: int = 256,
-        request_memory: float = 0.3,
+        probe_budget: float = 0.01,
+        request_memory: float = 0.15,
+        draft_margin: float = 0.03,
+        start_k: int = 4,
         explore_every: int = 16,
-        clear_loss: float = 0.85,
         position_decline: float = 0.98,
+        explore_floor: float = 0.75,
+        stale_decay: float = 0.85,
+        line_weight: float = 2.0,
+        max_round_weight: int = 10,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
         self.explore_every = explore_every
-        self.clear_loss = clear_loss
+        self.probe_budget = probe_budget
+        self.start_k = start_k
+        self.draft_margin = draft_margin
+        self.first_burst = first_burst
+        self.burst_ramp = max_probe_interval
+        self.k_cap = k_max
         self.position_decline = position_decline
+        self.explore_floor = explore_floor
+        self.stale_decay = stale_decay
+        self.line_weight = line_weight
+        self.max_round_weight = max_round_weight
         self.decay = decay
         self.prior_acceptance = prior_acceptance
         self.prior_weight = prior_weight
@@ -126,6 +145,8 @@ class AdaptiveController:
         self.overhead_n = 0
         self.round_cost: Dict[int, float] = {}  # k -> seconds of a whole round, as observed
         self.round_seen: Set[int] = set()  # k whose first (allocating) round was dropped
+        self.round_n: Dict[int, int] = {}  # k -> rounds observed (capped): weights of the line
+        self._line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
         self.rounds = 0
         self.probe_due = False
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
@@ -178,11 +199,46 @@ class AdaptiveController:
         return max(1e-9, t0 + slope * (m - m0))
 
     def round_time(self, k: int) -> float:
-        """Expected wall time of a round with k drafts (k = 0: one plain step)."""
+        """Expected wall time of a round with k drafts (k = 0: one plain step).
+
+        Whole rounds are timed at every k the controller uses, and round time is close to
+        linear in k, so a line is fitted through the observed times (weighted by how often
+        each k was seen).  A k seen often keeps mostly its own time; one seen once or twice
+        is pulled towards the line (a k whose few rounds happened to be slow would otherwise
+        never be chosen, and so never re-measured).  For a k not seen at all, the lower of
+        the line and the split-timing model: optimism on purpose, so it gets tried.
+        """
         if k == 0 and self.plain_cost is not None:
             return self.plain_cost
+        line = self._round_line()
+        if line is None:
+            if k in self.round_cost:
+                return self.round_cost[k]
+            model = self.model_round_time(k)
+            if not self.round_cost:
+                return model
+            near = min(self.round_cost, key=lambda j: abs(j - k))
+            return min(model, model * self.round_cost[near] / self.model_round_time(near))
+        fitted = max(1e-9, line[0] + line[1] * k)
         if k in self.round_cost:
-            return self.round_cost[k]
+            n = self.round_n[k]
+            return (n * self.round_cost[k] + self.line_weight * fitted) / (n + self.line_weight)
+        return min(self.model_round_time(k), fitted)
+
+    def _round_line(self) -> Optional[Tuple[float, float]]:
+        """(intercept, slope) of round time against k, weighted least squares; None below two k."""
+        if self._line is None and len(self.round_cost) >= 2:
+            pts = [(k, t, self.round_n[k]) for k, t in self.round_cost.items()]
+            sw = sum(w for _, _, w in pts)
+            mk = sum(w * k for k, _, w in pts) / sw
+            mt = sum(w * t for _, t, w in pts) / sw
+            var = sum(w * (k - mk) ** 2 for k, _, w in pts)
+            slope = sum(w * (k - mk) * (t - mt) for k, t, w in pts) / var
+            self._line = (mt - slope * mk, slope)
+        return self._line
+
+    def model_round_time(self, k: int) -> float:
+        """The split-timing model of a round: overhead + k drafter steps + verifying k + 1."""
         return self.overhead + k * (self.draft_cost or 0.0) + self.verify_time(k + 1)
 
     def rates(self) -> List[float]:
@@ -192,18 +248,21 @@ class AdaptiveController:
 
     def best_k(self, low: int = 0) -> int:
         """The k in low..k_max with the highest expected rate (the smaller on ties)."""
-        rates = self.rates()
-        return max(range(low, self.k_max + 1), key=lambda k: (rates[k], -k))
+        return _argmax(self.rates(), low)
 
     # -- protocol -----------------------------------------------------------
     def start_request(self) -> None:
         """A new prompt: keep the measured costs (they belong to this machine and pair)
-        but let the new text's acceptance take over within a few rounds, and look for
-        paying drafts again soon even if the last request ended at k = 0."""
+        but let the new text's acceptance take over within a few rounds.
+
+        The first rounds draft at most ``start_k`` tokens, and the cap grows as drafts
+        pass (twice the longest accepted run so far): the last prompt's acceptance says
+        little about this one, and a deep round that fails costs several plain steps.
+        """
         for i in range(1, self.k_max + 1):
             self.trials[i] *= self.request_memory
             self.hits[i] *= self.request_memory
-        self.probe_interval = self.base_probe_interval
+        self.k_cap = self.start_k
         self.probe_due = False
 
     def choose(self) -> int:
@@ -214,16 +273,27 @@ class AdaptiveController:
             # Timed rounds at several k so the verify cost curve and drafter cost are measured.
             k = min(self.k_max, self.CALIBRATION[calibrating])
         else:
-            k = self.best_k()
+            rates = self.rates()
+            k = _argmax(rates)
+            if k > 0 and rates[k] < (1 + self.draft_margin) * rates[0]:
+                # Too close to call: the estimates are noisy, and drafting on the wrong side
+                # of a close call loses more than plain steps on the wrong side forgo.
+                k = 0
             if k > 0:
-                # Drafting pays: if it stops paying, the first probe comes soon.
-                self.probe_interval = self.base_probe_interval
+                # Drafting pays; should that change, the first plain bursts are short,
+                # as the switch may rest on two or three unlucky rounds.
+                self.burst_ramp = self.first_burst
             if k == 0 and self.probe_due:
-                k = self.best_k(low=1)  # probe: does the most promising k pay (again)?
+                # Probe with one draft, the cheapest round: it measures position 1, and
+                # deeper positions follow it (their prior chains to it; see acceptance()).
+                k = 1
             elif k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
                 # Explore: acceptance at positions past the chosen k is otherwise never
-                # observed, and a pessimistic guess there would keep k small for good.
-                k = min(self.k_max, k + 2)
+                # observed, and a pessimistic guess there would keep k small for good;
+                # but not a k already measured to be far slower.
+                deeper = min(self.k_max, k + 2)
+                k = deeper if rates[deeper] >= self.explore_floor * rates[k] else k
+            k = min(k, self.k_cap)
             self.probe_due = False
         self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
         return k
@@ -233,16 +303,20 @@ class AdaptiveController:
         if self.rounds - self.warmup_rounds < len(self.CALIBRATION):
             self.rounds += 1
             return self.CALIBRATION_BURST
-        steps = self.probe_interval
+        self.probe_interval = min(self.burst_ramp, self.steps_between_probes())
+        self.burst_ramp *= 2
         self.probe_due = True
-        rates = self.rates()
-        if max(rates[1:]) < self.clear_loss * rates[0]:
-            # Drafting clearly loses: probe ever more rarely, so probes cost little.
-            self.probe_interval = min(self.max_probe_interval, self.probe_interval * 2)
-        else:
-            # A close call: probe often, each probe sharpens the acceptance estimate.
-            self.probe_interval = self.base_probe_interval
-        return steps
+        return self.probe_interval
+
+    def steps_between_probes(self) -> int:
+        """Plain steps per probe, so that what a probe is expected to lose against plain
+        steps stays within ``probe_budget`` of the time between probes: a close call is
+        probed every ``probe_interval`` steps (each probe sharpens the estimate), a clear
+        loss up to ``max_probe_interval`` steps apart."""
+        plain = self.round_time(0)
+        loss = self.round_time(1) - self.expected_tokens(1) * plain
+        steps = loss / (self.probe_budget * plain)
+        return int(min(self.max_probe_interval, max(self.base_probe_interval, steps)))
 
     def observe_plain(self, steps: int, seconds: float) -> None:
         """Cost of pipelined plain steps: the k = 0 option's real price."""
@@ -253,11 +327,16 @@ class AdaptiveController:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
         self.rounds += 1
         for i in range(1, self.k_max + 1):
-            self.trials[i] *= self.decay
-            self.hits[i] *= self.decay
+            # Positions past k were not drafted: their old evidence goes stale faster, so
+            # their estimate returns to the prior (the position before, which is being
+            # observed) instead of a few old failures keeping k small for many rounds.
+            keep = self.decay if i <= k else self.decay * self.stale_decay
+            self.trials[i] *= keep
+            self.hits[i] *= keep
         for i in range(1, min(k, accepted + 1) + 1):
             self.trials[i] += 1.0
             self.hits[i] += float(i <= accepted)
+        self.k_cap = max(self.k_cap, 2 * accepted)
 
     def observe_cost(self, k: int, timing: RoundTiming) -> None:
         """Costs measured on a timed round (warm-up rounds are ignored)."""
@@ -280,12 +359,19 @@ class AdaptiveController:
             return
         if k in self.round_seen:
             self.round_cost[k] = _ema(self.round_cost.get(k), seconds, 0.2)
+            self.round_n[k] = min(self.round_n.get(k, 0) + 1, self.max_round_weight)
+            self._line = None
         self.round_seen.add(k)
 
     def wants_timing(self) -> bool:
         r = self.rounds
         calibrating = r - self.warmup_rounds < len(self.CALIBRATION)
         return r >= self.warmup_rounds and (calibrating or r % self.timing_every == 0)
+
+
+def _argmax(rates: List[float], low: int = 0) -> int:
+    """Index of the highest rate at or above ``low`` (the smaller index on ties)."""
+    return max(range(low, len(rates)), key=lambda k: (rates[k], -k))
 
 
 def _ema(old: Optional[float], new: float, weight: float = 0.3) -> float:
