@@ -74,7 +74,9 @@ class GenerationStats:
 
     @property
     def acceptance_by_position(self) -> List[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+        return [
+            a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)
+        ]
 
     @property
     def draft_step_ms(self) -> float:
@@ -82,7 +84,11 @@ class GenerationStats:
 
     @property
     def target_forward_ms(self) -> float:
-        return 1e3 * self.target_time / self.timed_target_forwards if self.timed_target_forwards else 0.0
+        return (
+            1e3 * self.target_time / self.timed_target_forwards
+            if self.timed_target_forwards
+            else 0.0
+        )
 
     def record_round(self, k: int, n: int) -> None:
         self.rounds += 1
@@ -137,7 +143,9 @@ def check_pair(target, drafter, target_tokenizer=None, drafter_tokenizer=None) -
                 f"target has {t.kv_heads_of(lt)} x {t.head_dim_of(lt)}"
             )
         if d.num_attention_heads % t.kv_heads_of(lt):
-            problems.append(f"{lt}: {d.num_attention_heads} drafter query heads do not group over {t.kv_heads_of(lt)} KV heads")
+            problems.append(
+                f"{lt}: {d.num_attention_heads} drafter query heads do not group over {t.kv_heads_of(lt)} KV heads"
+            )
     if SLIDING in d.layer_types and d.sliding_window != t.sliding_window:
         problems.append(f"sliding_window: drafter {d.sliding_window} != target {t.sliding_window}")
     if target_tokenizer is not None and drafter_tokenizer is not None:
@@ -145,7 +153,8 @@ def check_pair(target, drafter, target_tokenizer=None, drafter_tokenizer=None) -
             problems.append("the drafter's tokenizer differs from the target's")
     if problems:
         raise DrafterMismatchError(
-            "draft model does not match the target: " + "; ".join(problems)
+            "draft model does not match the target: "
+            + "; ".join(problems)
             + ". Use the assistant checkpoint published for this target."
         )
 
@@ -188,7 +197,9 @@ def draft(
     return mx.concatenate(drafts).astype(mx.int32), (mx.stack(qs) if qs else None)
 
 
-def accept(logits: mx.array, drafts: mx.array, q: Optional[mx.array], sampler: Sampler) -> Tuple[mx.array, mx.array]:
+def accept(
+    logits: mx.array, drafts: mx.array, q: Optional[mx.array], sampler: Sampler
+) -> Tuple[mx.array, mx.array]:
     """Number of accepted drafts and the token that follows them (lazy).
 
     Greedy: longest prefix where the draft equals the target's argmax, then the
@@ -246,7 +257,9 @@ def mtp_round(
     return tokens, n, RoundState(nxt.reshape(1).astype(mx.int32), out.hidden[:, n : n + 1])
 
 
-def prefill(target: Model, cache: list, ids: List[int], step: int, stats: GenerationStats) -> Tuple[mx.array, mx.array]:
+def prefill(
+    target: Model, cache: list, ids: List[int], step: int, stats: GenerationStats
+) -> Tuple[mx.array, mx.array]:
     """Run the prompt through the target in chunks; returns last logits and hidden.
 
     All but the last token only fill the caches: evaluating just the cache lets
@@ -275,19 +288,23 @@ def _validate(prompt_ids, max_tokens, num_draft_tokens) -> None:
         )
 
 
-# Adaptive controllers per (target, drafter) pair: what they measured (costs on this
-# machine, acceptance of this pair) stays valid across requests, so only the first
-# request of a pair pays for calibration.  Entries go away with either model.
-_CONTROLLERS: Dict[Tuple[int, int], AdaptiveController] = {}
+# Adaptive controllers per (target, drafter, greedy or sampled): what they measured
+# (costs on this machine, acceptance of this pair) stays valid across requests, so only
+# the first request of a kind pays for calibration.  Greedy and sampled rounds differ in
+# both: sampling computes full distributions for every draft and verified position, and
+# accepts by a different rule.  Entries go away with either model.
+_CONTROLLERS: Dict[Tuple[int, int, bool], AdaptiveController] = {}
 
 
-def make_controller(num_draft_tokens: Union[int, str], target=None, drafter=None) -> Controller:
-    """A fixed-k controller, or the pair's adaptive controller for ``"auto"``."""
+def make_controller(
+    num_draft_tokens: Union[int, str], target=None, drafter=None, greedy: bool = True
+) -> Controller:
+    """A fixed-k controller, or for ``"auto"`` the adaptive one of this pair and decoding kind."""
     if num_draft_tokens != "auto":
         return FixedController(int(num_draft_tokens))
     if target is None or drafter is None:
         return AdaptiveController()
-    key = (id(target), id(drafter))
+    key = (id(target), id(drafter), greedy)
     if key not in _CONTROLLERS:
         _CONTROLLERS[key] = AdaptiveController()
         for obj in (target, drafter):
@@ -323,10 +340,24 @@ def generate_tokens(
     stats.prompt_tokens, stats.prompt_time = len(prompt_ids), time.perf_counter() - tic
     tic = time.perf_counter()
     if draft_model is None:
-        steps = _plain_steps(model, cache, RoundState(token, hidden), sampler, max_tokens, stop_ids, stats)
+        steps = _plain_steps(
+            model, cache, RoundState(token, hidden), sampler, max_tokens, stop_ids, stats
+        )
     else:
-        controller = controller or make_controller(num_draft_tokens, model, draft_model)
-        steps = _mtp_steps(model, draft_model, cache, RoundState(token, hidden), sampler, max_tokens, stop_ids, stats, controller)
+        controller = controller or make_controller(
+            num_draft_tokens, model, draft_model, sampler.greedy
+        )
+        steps = _mtp_steps(
+            model,
+            draft_model,
+            cache,
+            RoundState(token, hidden),
+            sampler,
+            max_tokens,
+            stop_ids,
+            stats,
+            controller,
+        )
     try:
         for item in steps:
             stats.generation_tokens += 1
@@ -358,7 +389,9 @@ def _plain_burst(model, cache, state: RoundState, sampler, steps: int, stats):
     return state
 
 
-def _plain_steps(model, cache, state, sampler, max_tokens, stop_ids, stats) -> Iterator[Tuple[int, bool]]:
+def _plain_steps(
+    model, cache, state, sampler, max_tokens, stop_ids, stats
+) -> Iterator[Tuple[int, bool]]:
     """Plain decoding: the prefill's token, then pipelined one-token steps."""
     first = state.token.item()
     yield first, False
@@ -370,7 +403,9 @@ def _plain_steps(model, cache, state, sampler, max_tokens, stop_ids, stats) -> I
             return
 
 
-def _mtp_steps(model, drafter, cache, state, sampler, max_tokens, stop_ids, stats, controller) -> Iterator[Tuple[int, bool]]:
+def _mtp_steps(
+    model, drafter, cache, state, sampler, max_tokens, stop_ids, stats, controller
+) -> Iterator[Tuple[int, bool]]:
     """Speculative decoding: rounds of draft + verify (or plain bursts when k = 0)."""
     stats.mtp = True
     controller.start_request()

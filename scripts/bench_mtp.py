@@ -110,10 +110,12 @@ def nbytes(module) -> int:
 def bench_dtype(dtype, classes, n, configs, regime, reps):
     target, drafter, _ = load_pair(dtype)
     drafter_bytes = nbytes(drafter)
-    # Every configuration runs once before timing (allocations of its shapes; for auto,
-    # the pair's one-time cost calibration, which a long-lived app also pays only once).
+    # Every configuration runs once greedy and once sampled before timing (allocations of
+    # its shapes; for auto, the one-time cost calibration of each decoding kind, which a
+    # long-lived app also pays only once per pair and kind).
     for k in configs:
         run(target, drafter, classes["code"][0], 64, k)
+        run(target, drafter, classes["code"][0], 64, k, 1.0)  # sampled runs calibrate apart
     rows = []
     for cls, plist in classes.items():
         acc = {
@@ -266,10 +268,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--dtypes", default="float32,bfloat16,4bit")
-    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument(
-        "--reps", type=int, default=2, help="repetitions of every (prompt, configuration) run"
+        "--reps", type=int, default=1, help="repetitions of every (prompt, configuration) run"
     )
     args = ap.parse_args()
     from mlx_mtp.loading import load

@@ -6,7 +6,7 @@ import pytest
 
 from mlx_mtp.controller import AdaptiveController, RoundTiming
 from mlx_mtp.sampling import Sampler
-from mlx_mtp.speculative import generate_tokens
+from mlx_mtp.speculative import generate_tokens, make_controller
 from tiny_mlx import make_pair
 
 
@@ -198,3 +198,18 @@ def test_untried_k_does_not_inherit_a_slow_neighbour():
     _priced(ctrl, {3: 100.0}, lambda k: (0.3 * k, 10.0 + 0.2 * (k + 1)))
     assert ctrl.round_time(1) == pytest.approx(ctrl.model_round_time(1))
     assert ctrl.round_time(1) < 20.0
+
+
+def test_controllers_are_kept_per_pair_and_decoding_kind():
+    """Greedy and sampled rounds cost and accept differently: each kind learns on its own."""
+    model, drafter = make_pair(seed=3, window=8)
+    greedy = make_controller("auto", model, drafter, greedy=True)
+    sampled = make_controller("auto", model, drafter, greedy=False)
+    assert greedy is make_controller("auto", model, drafter, greedy=True)
+    assert sampled is not greedy
+    before = (greedy.rounds, sampled.rounds)
+    for _ in generate_tokens(
+        model, list(range(4, 24)), max_tokens=40, sampler=Sampler(), draft_model=drafter
+    ):
+        pass
+    assert greedy.rounds > before[0] and sampled.rounds == before[1]
