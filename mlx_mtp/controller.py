@@ -280,9 +280,11 @@ class AdaptiveController:
                 # of a close call loses more than plain steps on the wrong side forgo.
                 k = 0
             if k > 0:
-                # Drafting pays; should that change, the first plain bursts are short,
-                # as the switch may rest on two or three unlucky rounds.
-                self.burst_ramp = self.first_burst
+                # Drafting pays; should that change, the first plain bursts are short, as the
+                # switch may rest on two or three unlucky rounds.  Halved per drafting round,
+                # not reset: one round drafted on a new request's prior (the usual first
+                # round where drafting loses) must not bring back frequent probes.
+                self.burst_ramp = max(self.first_burst, self.burst_ramp // 2)
             if k == 0 and self.probe_due:
                 # Probe with one draft, the cheapest round: it measures position 1, and
                 # deeper positions follow it (their prior chains to it; see acceptance()).
