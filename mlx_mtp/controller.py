@@ -306,7 +306,7 @@ class AdaptiveController:
             self.rounds += 1
             return self.CALIBRATION_BURST
         self.probe_interval = min(self.burst_ramp, self.steps_between_probes())
-        self.burst_ramp *= 2
+        self.burst_ramp = min(2 * self.burst_ramp, self.max_probe_interval)
         self.probe_due = True
         return self.probe_interval
 
