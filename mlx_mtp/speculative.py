@@ -288,23 +288,22 @@ def _validate(prompt_ids, max_tokens, num_draft_tokens) -> None:
         )
 
 
-# Adaptive controllers per (target, drafter, greedy or sampled): what they measured
-# (costs on this machine, acceptance of this pair) stays valid across requests, so only
-# the first request of a kind pays for calibration.  Greedy and sampled rounds differ in
-# both: sampling computes full distributions for every draft and verified position, and
-# accepts by a different rule.  Entries go away with either model.
-_CONTROLLERS: Dict[Tuple[int, int, bool], AdaptiveController] = {}
+# Adaptive controllers per (target, drafter) pair: what they measured (costs on this
+# machine, acceptance of this pair) stays valid across requests, so only the first
+# request of a pair pays for calibration.  Greedy and sampled requests share one: a
+# controller per kind was tried and measured worse on sampled text the drafter cannot
+# guess (its calibration then rests on the first sampled request alone).  Entries go
+# away with either model.
+_CONTROLLERS: Dict[Tuple[int, int], AdaptiveController] = {}
 
 
-def make_controller(
-    num_draft_tokens: Union[int, str], target=None, drafter=None, greedy: bool = True
-) -> Controller:
-    """A fixed-k controller, or for ``"auto"`` the adaptive one of this pair and decoding kind."""
+def make_controller(num_draft_tokens: Union[int, str], target=None, drafter=None) -> Controller:
+    """A fixed-k controller, or the pair's adaptive controller for ``"auto"``."""
     if num_draft_tokens != "auto":
         return FixedController(int(num_draft_tokens))
     if target is None or drafter is None:
         return AdaptiveController()
-    key = (id(target), id(drafter), greedy)
+    key = (id(target), id(drafter))
     if key not in _CONTROLLERS:
         _CONTROLLERS[key] = AdaptiveController()
         for obj in (target, drafter):
@@ -344,9 +343,7 @@ def generate_tokens(
             model, cache, RoundState(token, hidden), sampler, max_tokens, stop_ids, stats
         )
     else:
-        controller = controller or make_controller(
-            num_draft_tokens, model, draft_model, sampler.greedy
-        )
+        controller = controller or make_controller(num_draft_tokens, model, draft_model)
         steps = _mtp_steps(
             model,
             draft_model,

@@ -111,12 +111,12 @@ def bench_dtype(dtype, classes, n, configs, regime, reps):
     target, drafter, _ = load_pair(dtype)
     drafter_bytes = nbytes(drafter)
     # Every configuration runs once greedy and once sampled before timing (allocations of
-    # its shapes; for auto, the one-time cost calibration of each decoding kind, which a
-    # long-lived app also pays only once per pair and kind).
+    # its shapes; for auto, the pair's one-time cost calibration, which a long-lived app
+    # also pays only once).
     warm = next(iter(classes.values()))[0]
     for k in configs:
         run(target, drafter, warm, 64, k)
-        run(target, drafter, warm, 64, k, 1.0)  # sampled runs calibrate apart
+        run(target, drafter, warm, 64, k, 1.0)  # sampled rounds allocate other shapes
     rows = []
     for cls, plist in classes.items():
         acc = {
