@@ -13,8 +13,9 @@ its cost: the observed wall time of rounds with k drafts, smoothed by a line
 fitted through the times of all observed k (for an unobserved k, the lower of
 the line and the model ``overhead + k * c_draft + T(k + 1)`` from split-timed
 rounds).  k = 0 is a plain decoding step; while there, the controller still
-probes now and then (as rarely as keeps a probe's expected loss near 1%) to
-notice when drafting pays.  A new request starts at most ``start_k`` deep.
+probes now and then (as rarely as keeps a probe's expected loss near 1%), with
+the fewest drafts that could pay, to notice when drafting pays again.  A new
+request starts at most ``start_k`` deep.
 """
 
 from __future__ import annotations
@@ -286,9 +287,7 @@ class AdaptiveController:
                 # round where drafting loses) must not bring back frequent probes.
                 self.burst_ramp = max(self.first_burst, self.burst_ramp // 2)
             if k == 0 and self.probe_due:
-                # Probe with one draft, the cheapest round: it measures position 1, and
-                # deeper positions follow it (their prior chains to it; see acceptance()).
-                k = 1
+                k = self.probe_k()
             elif k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
                 # Explore: acceptance at positions past the chosen k is otherwise never
                 # observed, and a pessimistic guess there would keep k small for good;
@@ -310,13 +309,28 @@ class AdaptiveController:
         self.probe_due = True
         return self.probe_interval
 
+    def probe_k(self) -> int:
+        """Drafts in a probe: the fewest whose round would beat plain steps (by the margin)
+        if every draft passed, else one.
+
+        Usually one, the cheapest round; deeper positions follow its measure of position 1
+        (their prior chains to it; see acceptance()).  But where verifying two tokens costs
+        about two steps (4-bit weights on a CPU), a one-draft round cannot pay even when it
+        passes, and probes at one draft could never show that drafting pays.
+        """
+        need = (1 + self.draft_margin) / self.round_time(0)
+        for k in range(1, self.k_max + 1):
+            if (k + 1) / self.round_time(k) >= need:
+                return k
+        return 1
+
     def steps_between_probes(self) -> int:
         """Plain steps per probe, so that what a probe is expected to lose against plain
         steps stays within ``probe_budget`` of the time between probes: a close call is
         probed every ``probe_interval`` steps (each probe sharpens the estimate), a clear
         loss up to ``max_probe_interval`` steps apart."""
-        plain = self.round_time(0)
-        loss = self.round_time(1) - self.expected_tokens(1) * plain
+        plain, k = self.round_time(0), self.probe_k()
+        loss = self.round_time(k) - self.expected_tokens(k) * plain
         steps = loss / (self.probe_budget * plain)
         return int(min(self.max_probe_interval, max(self.base_probe_interval, steps)))
 

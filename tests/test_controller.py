@@ -211,3 +211,20 @@ def test_controllers_are_kept_per_pair():
     ):
         pass
     assert ctrl.rounds > before
+
+
+def test_probes_draft_enough_to_pay_when_one_draft_cannot():
+    """Verifying 2 tokens costs 2 steps (as with 4-bit weights on a CPU), more tokens little
+    extra: a one-draft round cannot beat plain steps even when it passes, so probes at one
+    draft could never show that drafting pays again.  Probes must draft deeper."""
+    rng = random.Random(9)
+    ctrl = AdaptiveController(k_max=8)
+    verify = lambda m: 10.0 * m if m <= 2 else 20.0 + 2.0 * (m - 2)  # noqa: E731
+    simulate(ctrl, 150, 0.0, verify, 0.3, rng)  # text the drafter cannot guess: plain steps
+    assert ctrl.best_k() == 0
+    assert ctrl.probe_k() >= 2
+    ks = simulate(ctrl, 300, 0.97, verify, 0.3, rng)  # easy text again
+    first_deep = next(i for i, k in enumerate(ks) if k >= 2)
+    # Within a probe or two, not after dozens of one-draft probes that pass but cannot pay.
+    assert sum(1 for k in ks[:first_deep] if k > 0) <= 2
+    assert tail_mode(ks, 50) >= 2
