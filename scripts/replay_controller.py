@@ -1,0 +1,259 @@
+"""Replay the adaptive controller offline: recorded drafts, measured costs, no timing noise.
+
+    python scripts/bench_mtp.py --json bench.json ...       # measures the cost curves
+    python scripts/replay_controller.py --costs bench.json [--traces traces.json] [--json out.json]
+
+``bench_mtp.py`` measures wall clock on a shared CPU: one 6-prompt pass carries a few percent
+of noise per configuration, and its reference (the best of nine measured configurations) is
+biased upward by that noise.  This script asks the same question without it.  It records, for
+every position of the greedy continuation of each code and prose prompt of the benchmark,
+how many of the drafter's 8 greedy drafts the target would accept (greedy drafts do not depend
+on k, so a round with k drafts at that position accepts ``min(k, L)``; exact on the stock
+wheel, whose verify forwards are bit-identical to plain steps).  Then it replays the
+benchmark's runs (warm-up, then the classes in order, 6 prompts x 128 tokens) for plain
+decoding, every fixed k and ``AdaptiveController``, charging each round the cost measured
+for its k in the benchmark JSON (round time = tokens per target forward / tokens per second),
+with a lognormal jitter (``--jitter``) so the controller sees noisy costs as on a real
+machine.  The adversarial (sampled) class draws acceptance at random from the benchmark's
+measured acceptance by position.
+
+Prints auto / max(plain, best fixed k) per (regime, dtype, class) averaged over ``--seeds``
+jitter seeds, and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench_common import log, table, write_json  # noqa: E402
+
+from mlx_mtp.controller import AdaptiveController, Controller, FixedController, RoundTiming  # noqa: E402
+
+K_MAX = 8
+CLASSES = ("code", "prose", "adversarial")
+CONFIGS = ["plain"] + list(range(1, K_MAX + 1)) + ["auto"]
+
+
+def record_traces(n_prompts: int, n_tokens: int, dtype: str) -> Dict[str, List[List[int]]]:
+    """Accepted-draft counts L(p) at every position of each greedy code and prose run."""
+    import mlx.core as mx
+
+    import bench_mtp
+    from mlx_mtp.loading import load
+    from mlx_mtp.sampling import Sampler
+    from mlx_mtp.speculative import (
+        MAX_DRAFT_TOKENS,
+        GenerationStats,
+        RoundState,
+        draft,
+        drafter_kv,
+        prefill,
+    )
+
+    _, tok = load(str(bench_mtp.TARGET_SRC))
+    classes = bench_mtp.prompts(tok, n_prompts)
+    target, drafter, _ = bench_mtp.load_pair(dtype)
+    greedy = Sampler(0.0)
+    out: Dict[str, List[List[int]]] = {}
+    for cls in ("code", "prose"):
+        out[cls] = []
+        for ids in classes[cls]:
+            cache = target.make_cache(slack=MAX_DRAFT_TOKENS + 16)
+            logits, hidden = prefill(target, cache, ids, 2048, GenerationStats())
+            state = RoundState(mx.argmax(logits).reshape(1).astype(mx.int32), hidden)
+            tokens, chains = [], []
+            for _ in range(n_tokens + K_MAX):
+                kv = drafter_kv(target, cache)
+                drafts, _ = draft(target, drafter, state, kv, cache[0].offset, K_MAX, greedy)
+                res = target.forward(state.token[None], cache, return_hidden=True)
+                nxt = mx.argmax(res.logits[0, -1]).reshape(1).astype(mx.int32)
+                mx.eval(drafts, nxt)
+                tokens.append(state.token.item())
+                chains.append(drafts.tolist())
+                state = RoundState(nxt, res.hidden)
+            out[cls].append([_match(chains[p], tokens[p + 1 :]) for p in range(n_tokens)])
+        log(f"traces: {cls} done")
+    return out
+
+
+def _match(drafts: Sequence[int], truth: Sequence[int]) -> int:
+    n = 0
+    while n < len(drafts) and drafts[n] == truth[n]:
+        n += 1
+    return n
+
+
+def cost_curves(bench: dict) -> Dict[tuple, Dict]:
+    """Per (regime, dtype, greedy|sampled): seconds per round for k = 0..8, drafter step seconds,
+    and (sampled) acceptance of draft i given drafts 1..i-1 passed."""
+    regime = bench["regime"]["regime"]
+    out: Dict[tuple, Dict] = {}
+    for r in bench["rows"]:
+        if r["class"] == "prose" or r["k"] == "auto":
+            continue
+        kind = "sampled" if r["class"] == "adversarial" else "greedy"
+        c = out.setdefault((regime, r["dtype"], kind), {"round": {}, "draft": 0.0})
+        if r["k"] == "plain":
+            c["round"][0] = 1.0 / r["tps"]
+            continue
+        c["round"][r["k"]] = r["tokens_per_target_forward"] / r["tps"]
+        c["draft"] = max(c["draft"], r["drafter_step_ms"] / 1e3)
+        if kind == "sampled" and r["k"] == K_MAX:
+            reach = [1.0] + list(r["acceptance_by_position"])  # P(draft i accepted)
+            c["accept"] = [min(1.0, b / a) if a > 0 else 0.0 for a, b in zip(reach, reach[1:])]
+    return out
+
+
+class Machine:
+    """Charges rounds their measured cost, jittered."""
+
+    def __init__(self, curves: Dict, rng: random.Random, jitter: float, burst_start: float):
+        self.curves, self.rng, self.jitter, self.burst_start = curves, rng, jitter, burst_start
+
+    def seconds(self, kind: str, k: int, steps: int = 1) -> float:
+        base = self.curves[kind]["round"][k] * steps
+        extra = self.burst_start * self.curves[kind]["round"][0] if k == 0 else 0.0
+        return base * math.exp(self.rng.gauss(0.0, self.jitter)) + extra
+
+
+def replay_request(
+    ctrl: Optional[Controller],
+    machine: Machine,
+    n_tokens: int,
+    trace: Optional[List[int]] = None,
+    accept: Optional[List[float]] = None,
+    rng: Optional[random.Random] = None,
+) -> float:
+    """Seconds of one request, following ``speculative._mtp_steps`` (plain if ``ctrl`` is None)."""
+    kind = "greedy" if trace is not None else "sampled"
+    if ctrl is None:
+        return machine.seconds(kind, 0, n_tokens - 1)
+    ctrl.start_request()
+    produced, total = 1, 0.0
+    while produced < n_tokens:
+        remaining = n_tokens - produced
+        k = min(ctrl.choose(), remaining - 1)
+        if k <= 0:
+            steps = min(ctrl.plain_burst(), remaining)
+            dt = machine.seconds(kind, 0, steps)
+            ctrl.observe_plain(steps, dt)
+            produced, total = produced + steps, total + dt
+            continue
+        timed = ctrl.wants_timing()
+        if trace is not None:
+            n = min(k, trace[produced - 1])
+        else:
+            n = 0
+            while n < k and rng.random() < accept[n]:
+                n += 1
+        ctrl.observe(k, n)
+        dt = machine.seconds(kind, k)
+        ctrl.observe_round_time(k, dt)
+        if timed:
+            drafting = k * machine.curves[kind]["draft"]
+            ctrl.observe_cost(k, RoundTiming(drafting, max(0.0, dt - drafting), dt))
+        produced, total = produced + n + 1, total + dt
+    return total
+
+
+def replay_pair(traces, curves, seed: int, jitter: float, burst_start: float, n_tokens: int):
+    """One benchmark pass of one (regime, dtype): seconds per (class, configuration)."""
+    rng = random.Random(seed)
+    machine = Machine(curves, rng, jitter, burst_start)
+    ctrls = {
+        k: None if k == "plain" else AdaptiveController() if k == "auto" else FixedController(k)
+        for k in CONFIGS
+    }
+    warm_accept = [0.8] * K_MAX  # sampled warm-up on a code prompt
+    for k in CONFIGS:  # warm-up, as bench_mtp: 64 tokens greedy and sampled on the first prompt
+        replay_request(ctrls[k], machine, 64, trace=traces["code"][0])
+        replay_request(ctrls[k], machine, 64, accept=warm_accept, rng=random.Random(seed))
+    seconds = {}
+    for cls in CLASSES:
+        n_prompts = len(traces["code"])
+        tot = {k: 0.0 for k in CONFIGS}
+        for pi in range(n_prompts):
+            for k in CONFIGS:
+                if cls == "adversarial":
+                    acc_rng = random.Random(1000 * seed + pi)  # same text luck for every config
+                    tot[k] += replay_request(
+                        ctrls[k], machine, n_tokens, accept=curves["sampled"]["accept"], rng=acc_rng
+                    )
+                else:
+                    tot[k] += replay_request(ctrls[k], machine, n_tokens, trace=traces[cls][pi])
+        seconds[cls] = tot
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--costs", nargs="+", required=True, help="bench_mtp.py JSON file(s)")
+    ap.add_argument("--traces", default=None, help="trace JSON to reuse (recorded if missing)")
+    ap.add_argument("--trace-dtype", default="float32")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--seeds", type=int, default=50)
+    ap.add_argument("--jitter", type=float, default=0.05, help="lognormal sigma of round costs")
+    ap.add_argument(
+        "--burst-start", type=float, default=0.1, help="plain steps lost per plain burst"
+    )
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.traces and Path(args.traces).exists():
+        traces = json.loads(Path(args.traces).read_text())
+    else:
+        traces = record_traces(args.prompts, args.new_tokens + 1, args.trace_dtype)
+        if args.traces:
+            Path(args.traces).write_text(json.dumps(traces))
+    rows = []
+    for path in args.costs:
+        all_curves = cost_curves(json.loads(Path(path).read_text()))
+        for regime, dtype in sorted({key[:2] for key in all_curves}):
+            curves = {kind: all_curves[(regime, dtype, kind)] for kind in ("greedy", "sampled")}
+            rows += _rows(regime, dtype, traces, curves, args)
+    heads = ["regime", "dtype", "class", "auto_vs_plain", "best_fixed", "auto_vs_best"]
+    print(f"replay: {args.seeds} jitter seeds, sigma {args.jitter}; auto / max(plain, best k)")
+    cells = [
+        [f"{v:.3f}" if isinstance(v, float) else v for v in (r[h] for h in heads)] for r in rows
+    ]
+    print(table(heads, cells))
+    worst = min(r["auto_vs_best"] for r in rows)
+    print(f"worst auto / max(plain, best fixed k): {worst:.3f}")
+    write_json(args.json, {"args": vars(args), "rows": rows})
+
+
+def _rows(regime, dtype, traces, curves, args) -> List[dict]:
+    sums = {c: {k: 0.0 for k in CONFIGS} for c in CLASSES}
+    for seed in range(args.seeds):
+        secs = replay_pair(traces, curves, seed, args.jitter, args.burst_start, args.new_tokens)
+        for cls in CLASSES:
+            for k in CONFIGS:
+                sums[cls][k] += secs[cls][k]
+    rows = []
+    for cls in CLASSES:
+        s = sums[cls]
+        best = min((k for k in CONFIGS if k != "auto"), key=lambda k: s[k])
+        rows.append(
+            {
+                "regime": regime,
+                "dtype": dtype,
+                "class": cls,
+                "auto_vs_plain": round(s["plain"] / s["auto"], 3),
+                "best_fixed": best,
+                "auto_vs_best": round(s[best] / s["auto"], 3),
+            }
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
