@@ -109,7 +109,8 @@ def cost_curves(bench: dict) -> Dict[tuple, Dict]:
         c["draft"] = max(c["draft"], r["drafter_step_ms"] / 1e3)
         if kind == "sampled" and r["k"] == K_MAX:
             reach = [1.0] + list(r["acceptance_by_position"])  # P(draft i accepted)
-            c["accept"] = [min(1.0, b / a) if a > 0 else 0.0 for a, b in zip(reach, reach[1:])]
+            cond = [min(1.0, b / a) if a > 0 else 0.0 for a, b in zip(reach, reach[1:])]
+            c["accept"] = (cond + [0.0] * K_MAX)[:K_MAX]  # positions never reached: rejected
     return out
 
 
@@ -179,9 +180,8 @@ def replay_pair(traces, curves, seed: int, jitter: float, burst_start: float, n_
         replay_request(ctrls[k], machine, 64, accept=warm_accept, rng=random.Random(seed))
     seconds = {}
     for cls in CLASSES:
-        n_prompts = len(traces["code"])
         tot = {k: 0.0 for k in CONFIGS}
-        for pi in range(n_prompts):
+        for pi in range(len(traces.get(cls, traces["code"]))):  # adversarial: as many as code
             for k in CONFIGS:
                 if cls == "adversarial":
                     acc_rng = random.Random(1000 * seed + pi)  # same text luck for every config
@@ -218,6 +218,9 @@ def main() -> None:
     for path in args.costs:
         all_curves = cost_curves(json.loads(Path(path).read_text()))
         for regime, dtype in sorted({key[:2] for key in all_curves}):
+            if any((regime, dtype, kind) not in all_curves for kind in ("greedy", "sampled")):
+                log(f"{path}: {regime} {dtype} lacks the code or adversarial class; skipped")
+                continue
             curves = {kind: all_curves[(regime, dtype, kind)] for kind in ("greedy", "sampled")}
             rows += _rows(regime, dtype, traces, curves, args)
     heads = ["regime", "dtype", "class", "auto_vs_plain", "best_fixed", "auto_vs_best"]
