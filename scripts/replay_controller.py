@@ -223,6 +223,8 @@ def main() -> None:
                 continue
             curves = {kind: all_curves[(regime, dtype, kind)] for kind in ("greedy", "sampled")}
             rows += _rows(regime, dtype, traces, curves, args)
+    if not rows:
+        sys.exit("no (regime, dtype) with both the code and adversarial classes in --costs")
     heads = ["regime", "dtype", "class", "auto_vs_plain", "best_fixed", "auto_vs_best"]
     print(f"replay: {args.seeds} jitter seeds, sigma {args.jitter}; auto / max(plain, best k)")
     cells = [
