@@ -14,7 +14,9 @@ fitted through the times of all observed k (for an unobserved k, the lower of
 the line and the model ``overhead + k * c_draft + T(k + 1)`` from split-timed
 rounds).  k = 0 is a plain decoding step; while there, the controller still
 probes now and then (as rarely as keeps a probe's expected loss near 1%), with
-the fewest drafts that could pay, to notice when drafting pays again.  A new
+the fewest drafts that could pay, to notice when drafting pays again; a probe
+whose drafts all passed is followed at once by another (up to ``probe_streak``) while
+the estimates say drafting is within ``streak_gap`` of paying.  A new
 request starts at most ``start_k`` deep.
 """
 
@@ -114,6 +116,8 @@ class AdaptiveController:
         stale_decay: float = 0.85,
         line_weight: float = 2.0,
         max_round_weight: int = 10,
+        probe_streak: int = 3,
+        streak_gap: float = 0.03,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -150,6 +154,10 @@ class AdaptiveController:
         self._line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
         self.rounds = 0
         self.probe_due = False
+        self.probing = False  # the round chosen last is a probe
+        self.streak = 0  # probes in a row that passed
+        self.probe_streak = probe_streak  # at most this many probes follow a passed one
+        self.streak_gap = streak_gap  # ... and only while drafting is estimated this close to paying
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
 
     # -- estimates --------------------------------------------------------
@@ -286,7 +294,8 @@ class AdaptiveController:
                 # not reset: one round drafted on a new request's prior (the usual first
                 # round where drafting loses) must not bring back frequent probes.
                 self.burst_ramp = max(self.first_burst, self.burst_ramp // 2)
-            if k == 0 and self.probe_due:
+            self.probing = k == 0 and self.probe_due
+            if self.probing:
                 k = self.probe_k()
             elif k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
                 # Explore: acceptance at positions past the chosen k is otherwise never
@@ -324,6 +333,11 @@ class AdaptiveController:
                 return k
         return 1
 
+    def close_call(self) -> bool:
+        """Whether the best drafting k is estimated within ``streak_gap`` of plain steps."""
+        rates = self.rates()
+        return max(rates[1:]) >= (1 - self.streak_gap) * rates[0]
+
     def steps_between_probes(self) -> int:
         """Plain steps per probe, so that what a probe is expected to lose against plain
         steps stays within ``probe_budget`` of the time between probes: a close call is
@@ -353,6 +367,18 @@ class AdaptiveController:
             self.trials[i] += 1.0
             self.hits[i] += float(i <= accepted)
         self.k_cap = max(self.k_cap, 2 * accepted)
+        if self.probing and accepted == k and self.streak < self.probe_streak and self.close_call():
+            # A probe that passed probes again at once, without the plain burst between:
+            # one passed probe is weak evidence (it adds one trial against the prior and the
+            # last request), and where drafting pays only at high acceptance (4-bit weights
+            # on a CPU) a dozen must pass before it resumes; spaced by bursts, that took most
+            # of a request.  Only near the break-even point, though: on text the drafter cannot
+            # guess a lucky probe changes nothing, and probing again would only lose time.
+            self.probe_due = True
+            self.streak += 1
+        else:
+            self.streak = 0
+        self.probing = False
 
     def observe_cost(self, k: int, timing: RoundTiming) -> None:
         """Costs measured on a timed round (warm-up rounds are ignored)."""

@@ -41,8 +41,9 @@ def tail_mode(ks, last=100):
 def test_chooses_zero_when_verification_grows_faster_than_acceptance():
     ctrl = AdaptiveController()
     ks = simulate(ctrl, 300, 0.3, lambda m: 10.0 * m, 2.0, random.Random(0))
-    assert tail_mode(ks) == 0
     assert ctrl.best_k() == 0
+    # Plain bursts, and between them only probes (one draft each, sometimes a few in a row).
+    assert set(ks[-100:]) == {0, ctrl.probe_k()} and ctrl.probe_k() == 1
 
 
 def test_chooses_large_k_when_drafts_always_pass_and_verify_is_cheap():
@@ -228,3 +229,59 @@ def test_probes_draft_enough_to_pay_when_one_draft_cannot():
     # Within a probe or two, not after dozens of one-draft probes that pass but cannot pay.
     assert sum(1 for k in ks[:first_deep] if k > 0) <= 2
     assert tail_mode(ks, 50) >= 2
+
+
+def _plain_steps_until_drafting(ctrl, rng, history_acceptance, verify):
+    """Drafting has not paid (acceptance history_acceptance); then every draft passes.
+    Returns the plain steps and the rounds ("b" burst, "p" probe) before it drafts again."""
+    simulate(ctrl, 150, history_acceptance, verify, 2.0, rng)
+    assert ctrl.best_k() == 0
+    ctrl.start_request()
+    plain, kinds = 0, ""
+    while ctrl.best_k() == 0:
+        k = ctrl.choose()
+        if k == 0:
+            steps = ctrl.plain_burst()
+            plain += steps
+            ctrl.observe_plain(steps, steps * verify(1))
+            kinds += "b"
+            continue
+        ctrl.observe(k, k)  # easy text again: every draft passes
+        ctrl.observe_round_time(k, k * 2.0 + verify(k + 1) + 0.5)
+        kinds += "p"
+        assert len(kinds) < 1000, "drafting never resumed"
+    return plain, kinds
+
+
+def test_passed_probes_near_break_even_probe_again_without_a_plain_burst():
+    """Where drafting pays only at high acceptance, several probes must pass before the
+    estimate says so.  Near break-even a probe that passed probes again at once (a failed
+    one does not), so drafting resumes after fewer plain steps than with a burst between
+    every probe; far from it (text the drafter cannot guess) probes stay spaced."""
+    verify = lambda m: 10.0 + 6.0 * (m - 1)  # noqa: E731  break-even acceptance ~0.93
+    streak = spaced = 0
+    for seed in range(3):
+        plain, kinds = _plain_steps_until_drafting(
+            AdaptiveController(k_max=8), random.Random(seed), 0.8, verify
+        )
+        assert "pp" in kinds
+        streak += plain
+        spaced += _plain_steps_until_drafting(
+            AdaptiveController(k_max=8, probe_streak=0), random.Random(seed), 0.8, verify
+        )[0]
+    assert streak <= 0.75 * spaced, (streak, spaced)
+    # After text the drafter could not guess, one passed probe proves little: no streak.
+    _, kinds = _plain_steps_until_drafting(
+        AdaptiveController(k_max=8), random.Random(0), 0.0, verify
+    )
+    assert kinds.startswith("bp" * 6), kinds
+    # A failed probe is followed by plain steps, not by another probe.
+    ctrl = AdaptiveController(k_max=8)
+    simulate(ctrl, 150, 0.8, verify, 2.0, random.Random(5))
+    while ctrl.choose() != 0:
+        ctrl.observe(1, 0)
+    ctrl.plain_burst()
+    k = ctrl.choose()
+    assert k > 0  # the probe after the burst
+    ctrl.observe(k, 0)
+    assert ctrl.choose() == 0
