@@ -12,12 +12,15 @@ Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``;
 its cost: the observed wall time of rounds with k drafts, smoothed by a line
 fitted through the times of all observed k (for an unobserved k, the lower of
 the line and the model ``overhead + k * c_draft + T(k + 1)`` from split-timed
-rounds).  k = 0 is a plain decoding step; while there, the controller still
-probes now and then (as rarely as keeps a probe's expected loss near 1%), with
-the fewest drafts that could pay, to notice when drafting pays again; a probe
-whose drafts all passed is followed at once by another (up to ``probe_streak``) while
-the estimates say drafting is within ``streak_gap`` of paying.  A new
-request starts at most ``start_k`` deep.
+rounds).  k = 0 is a plain decoding step.  Drafting gives way to it only when
+plain steps are estimated faster, but it gives way to drafting only when
+drafting is estimated ``draft_margin`` faster (hysteresis: drafting keeps
+measuring acceptance, plain steps do not).  While at k = 0, the controller
+still probes now and then (as rarely as keeps a probe's expected loss near
+1%), with the fewest drafts that could pay, to notice when drafting pays
+again; a probe whose drafts all passed is followed at once by another (up to
+``probe_streak``) while the estimates say drafting is within ``streak_gap`` of
+paying.  A new request starts at most ``start_k`` deep.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class AdaptiveController:
         probe_budget: float = 0.01,
         request_memory: float = 0.15,
         draft_margin: float = 0.03,
+        exit_margin: float = 0.0,
         start_k: int = 4,
         explore_every: int = 16,
         position_decline: float = 0.98,
@@ -125,6 +129,8 @@ class AdaptiveController:
         self.probe_budget = probe_budget
         self.start_k = start_k
         self.draft_margin = draft_margin
+        self.exit_margin = exit_margin
+        self.drafting = False  # the last non-probe choice drafted
         self.first_burst = first_burst
         self.burst_ramp = max_probe_interval
         self.k_cap = k_max
@@ -157,7 +163,7 @@ class AdaptiveController:
         self.probing = False  # the round chosen last is a probe
         self.streak = 0  # probes in a row that passed
         self.probe_streak = probe_streak  # at most this many probes follow a passed one
-        self.streak_gap = streak_gap  # ... and only while drafting is estimated this close to paying
+        self.streak_gap = streak_gap  # ... and only while drafting is estimated this close
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
 
     # -- estimates --------------------------------------------------------
@@ -283,11 +289,16 @@ class AdaptiveController:
             k = min(self.k_max, self.CALIBRATION[calibrating])
         else:
             rates = self.rates()
-            k = _argmax(rates)
-            if k > 0 and rates[k] < (1 + self.draft_margin) * rates[0]:
-                # Too close to call: the estimates are noisy, and drafting on the wrong side
-                # of a close call loses more than plain steps on the wrong side forgo.
+            k = _argmax(rates, 1)
+            margin = self.exit_margin if self.drafting else self.draft_margin
+            if rates[k] < (1 + margin) * rates[0]:
+                # Entering drafting needs a margin: the estimates are noisy, and drafting on
+                # the wrong side of a close call loses more than plain steps forgo.  Leaving
+                # needs none: drafting rounds keep measuring acceptance, plain steps only
+                # probe, so a few unlucky rounds on text where drafting pays would otherwise
+                # end it for most of a request.
                 k = 0
+            self.drafting = k > 0
             if k > 0:
                 # Drafting pays; should that change, the first plain bursts are short, as the
                 # switch may rest on two or three unlucky rounds.  Halved per drafting round,
