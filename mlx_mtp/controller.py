@@ -160,6 +160,7 @@ class AdaptiveController:
         self._line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
         self.rounds = 0
         self.probe_due = False
+        self.plain_left = 0  # steps of the current plain burst not yet run
         self.probing = False  # the round chosen last is a probe
         self.streak = 0  # probes in a row that passed
         self.probe_streak = probe_streak  # at most this many probes follow a passed one
@@ -278,7 +279,10 @@ class AdaptiveController:
             self.trials[i] *= self.request_memory
             self.hits[i] *= self.request_memory
         self.k_cap = self.start_k
-        self.probe_due = False
+        # A burst cut short by the end of the last request resumes (see plain_burst); only a
+        # burst that ran to its end makes the next plain choice a probe.  Starting every
+        # request with a fresh burst would never probe once bursts outlast requests.
+        self.probe_due = self.probe_due and self.plain_left == 0
 
     def choose(self) -> int:
         calibrating = self.rounds - self.warmup_rounds
@@ -324,10 +328,12 @@ class AdaptiveController:
         if self.rounds - self.warmup_rounds < len(self.CALIBRATION):
             self.rounds += 1
             return self.CALIBRATION_BURST
-        self.probe_interval = min(self.burst_ramp, self.steps_between_probes())
-        self.burst_ramp = min(2 * self.burst_ramp, self.max_probe_interval)
+        if self.plain_left == 0:  # else the rest of a burst the last request cut short
+            self.probe_interval = min(self.burst_ramp, self.steps_between_probes())
+            self.burst_ramp = min(2 * self.burst_ramp, self.max_probe_interval)
+            self.plain_left = self.probe_interval
         self.probe_due = True
-        return self.probe_interval
+        return self.plain_left
 
     def probe_k(self) -> int:
         """Drafts in a probe: the fewest whose round would beat plain steps (by the margin)
@@ -360,13 +366,16 @@ class AdaptiveController:
         return int(min(self.max_probe_interval, max(self.base_probe_interval, steps)))
 
     def observe_plain(self, steps: int, seconds: float) -> None:
-        """Cost of pipelined plain steps: the k = 0 option's real price."""
+        """Plain steps run (a whole burst, or what ran of it before the request ended) and
+        their cost: the k = 0 option's real price."""
+        self.plain_left = max(0, self.plain_left - steps)
         if steps >= 2:
             self.plain_cost = _ema(self.plain_cost, seconds / steps)
 
     def observe(self, k: int, accepted: int) -> None:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
         self.rounds += 1
+        self.plain_left = 0  # a drafting round (or probe) ends any plain burst
         for i in range(1, self.k_max + 1):
             # Positions past k were not drafted: their old evidence goes stale faster, so
             # their estimate returns to the prior (the position before, which is being

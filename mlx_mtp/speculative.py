@@ -418,6 +418,7 @@ def _mtp_steps(
             steps = min(controller.plain_burst(), remaining)
             tic = time.perf_counter()
             burst = _plain_burst(model, cache, state, sampler, steps, stats)
+            ran = 0
             while True:
                 try:
                     tok = next(burst)
@@ -425,8 +426,11 @@ def _mtp_steps(
                     state = done.value
                     break
                 produced += 1
+                ran += 1
                 yield tok, False
                 if tok in stop_ids or produced >= max_tokens:
+                    # The controller carries what is left of the burst into the next request.
+                    controller.observe_plain(ran, time.perf_counter() - tic)
                     return
             controller.observe_plain(steps, time.perf_counter() - tic)
             continue
