@@ -16,17 +16,21 @@ rounds).  k = 0 is a plain decoding step.  Drafting gives way to it only when
 plain steps are estimated faster, but it gives way to drafting only when
 drafting is estimated ``draft_margin`` faster (hysteresis: drafting keeps
 measuring acceptance, plain steps do not).  While at k = 0, the controller
-still probes now and then (as rarely as keeps a probe's expected loss near
-1%), with the fewest drafts that could pay, to notice when drafting pays
-again; a probe whose drafts all passed is followed at once by another (up to
-``probe_streak``) while the estimates say drafting is within ``streak_gap`` of
-paying.  A new request starts at most ``start_k`` deep.
+keeps measuring acceptance with shadow probes: a plain step now and then also
+drafts from the same state (the fewest drafts that could pay, usually one), and
+the drafts are scored against the tokens the target then produces, as a round
+would have scored them.  A shadow probe costs drafter steps and no verification
+(and no synchronisation: it joins the plain step's lazy graph), so it can run
+every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
+plain steps), and more often near break-even.  A request that follows plain
+decoding starts plain, its first steps shadow-probed; one that follows drafting
+starts at most ``start_k`` deep.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Protocol, Set, Tuple
 
 
 @dataclass
@@ -38,14 +42,24 @@ class RoundTiming:
     total: float = 0.0
 
 
+class PlainBurst(NamedTuple):
+    """Plain steps to run; the first ``probes`` of them also shadow-probe ``depth`` drafts."""
+
+    steps: int
+    probes: int = 0
+    depth: int = 1
+
+
 class Controller(Protocol):
     def start_request(self) -> None: ...
 
     def choose(self) -> int: ...
 
-    def plain_burst(self) -> int: ...
+    def plain_burst(self) -> PlainBurst: ...
 
-    def observe_plain(self, steps: int, seconds: float) -> None: ...
+    def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None: ...
+
+    def observe_shadow(self, drafted: int, accepted: float) -> None: ...
 
     def observe(self, k: int, accepted: int) -> None: ...
 
@@ -70,10 +84,13 @@ class FixedController:
     def choose(self) -> int:
         return self.k
 
-    def plain_burst(self) -> int:
-        return 1 << 30  # k = 0: plain decoding to the end
+    def plain_burst(self) -> PlainBurst:
+        return PlainBurst(1 << 30)  # k = 0: plain decoding to the end, no shadow probes
 
-    def observe_plain(self, steps: int, seconds: float) -> None:
+    def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
+        pass
+
+    def observe_shadow(self, drafted: int, accepted: float) -> None:
         pass
 
     def observe(self, k: int, accepted: int) -> None:
@@ -106,11 +123,13 @@ class AdaptiveController:
         prior_weight: float = 2.0,
         warmup_rounds: int = 2,
         timing_every: int = 8,
-        probe_interval: int = 16,
         first_burst: int = 4,
-        max_probe_interval: int = 256,
-        probe_budget: float = 0.01,
+        min_shadow_interval: int = 8,
+        max_shadow_interval: int = 64,
+        shadow_budget: float = 0.01,
+        start_shadows: int = 2,
         request_memory: float = 0.15,
+        carry_cap: float = 2.0,
         draft_margin: float = 0.03,
         exit_margin: float = 0.0,
         start_k: int = 4,
@@ -120,19 +139,23 @@ class AdaptiveController:
         stale_decay: float = 0.85,
         line_weight: float = 2.0,
         max_round_weight: int = 10,
-        probe_streak: int = 3,
-        streak_gap: float = 0.03,
+        close_gap: float = 0.03,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
+        self.carry_cap = carry_cap
         self.explore_every = explore_every
-        self.probe_budget = probe_budget
+        self.shadow_budget = shadow_budget
+        self.min_shadow_interval = min_shadow_interval
+        self.max_shadow_interval = max_shadow_interval
+        self.start_shadows = start_shadows
+        self.close_gap = close_gap
         self.start_k = start_k
         self.draft_margin = draft_margin
         self.exit_margin = exit_margin
-        self.drafting = False  # the last non-probe choice drafted
+        self.drafting = False  # the last choice drafted
         self.first_burst = first_burst
-        self.burst_ramp = max_probe_interval
+        self.burst_ramp = max_shadow_interval
         self.k_cap = k_max
         self.position_decline = position_decline
         self.explore_floor = explore_floor
@@ -144,9 +167,6 @@ class AdaptiveController:
         self.prior_weight = prior_weight
         self.warmup_rounds = warmup_rounds
         self.timing_every = timing_every
-        self.base_probe_interval = probe_interval
-        self.probe_interval = probe_interval
-        self.max_probe_interval = max_probe_interval
         self.trials = [0.0] * (k_max + 1)  # index i = draft position (1-based)
         self.hits = [0.0] * (k_max + 1)
         self.draft_cost: Optional[float] = None  # seconds per drafter step
@@ -159,12 +179,9 @@ class AdaptiveController:
         self.round_n: Dict[int, int] = {}  # k -> rounds observed (capped): weights of the line
         self._line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
         self.rounds = 0
-        self.probe_due = False
-        self.plain_left = 0  # steps of the current plain burst not yet run
-        self.probing = False  # the round chosen last is a probe
-        self.streak = 0  # probes in a row that passed
-        self.probe_streak = probe_streak  # at most this many probes follow a passed one
-        self.streak_gap = streak_gap  # ... and only while drafting is estimated this close
+        self.request_start = False  # no choice made yet in this request
+        self.starting_plain = False  # this request started plain: its first burst shadow-probes
+        self.shadow_passed = False  # the last shadow probe's draft passed
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
 
     # -- estimates --------------------------------------------------------
@@ -220,8 +237,8 @@ class AdaptiveController:
         Whole rounds are timed at every k the controller uses, and round time is close to
         linear in k, so a line is fitted through the observed times (weighted by how often
         each k was seen).  A k seen often keeps mostly its own time; one seen once or twice
-        is pulled towards the line (a k whose few rounds happened to be slow would otherwise
-        never be chosen, and so never re-measured).  For a k not seen at all, the lower of
+        and slower than the line is pulled towards it (a k whose few rounds happened to be
+        slow would otherwise never be chosen, and so never re-measured).  For a k not seen at all, the lower of
         the line and the split-timing model: optimism on purpose, so it gets tried.
         """
         if k == 0 and self.plain_cost is not None:
@@ -237,8 +254,11 @@ class AdaptiveController:
             return min(model, model * self.round_cost[near] / self.model_round_time(near))
         fitted = max(1e-9, line[0] + line[1] * k)
         if k in self.round_cost:
-            n = self.round_n[k]
-            return (n * self.round_cost[k] + self.line_weight * fitted) / (n + self.line_weight)
+            # The line may pull a rarely seen k's time down (optimism: choosing it measures
+            # it again), never up: at k = 0 no rounds run, so a k priced too high would
+            # never be measured again.
+            n, seen = self.round_n[k], self.round_cost[k]
+            return min(seen, (n * seen + self.line_weight * fitted) / (n + self.line_weight))
         return min(self.model_round_time(k), fitted)
 
     def _round_line(self) -> Optional[Tuple[float, float]]:
@@ -276,13 +296,13 @@ class AdaptiveController:
         little about this one, and a deep round that fails costs several plain steps.
         """
         for i in range(1, self.k_max + 1):
-            self.trials[i] *= self.request_memory
-            self.hits[i] *= self.request_memory
+            # At most ``carry_cap`` rounds' worth per position: shadow probes gather many
+            # observations, and the last prompt's must not outweigh this one's first few.
+            keep = min(self.request_memory, self.carry_cap / max(self.trials[i], 1e-9))
+            self.trials[i] *= keep
+            self.hits[i] *= keep
         self.k_cap = self.start_k
-        # A burst cut short by the end of the last request resumes (see plain_burst); only a
-        # burst that ran to its end makes the next plain choice a probe.  Starting every
-        # request with a fresh burst would never probe once bursts outlast requests.
-        self.probe_due = self.probe_due and self.plain_left == 0
+        self.request_start = True
 
     def choose(self) -> int:
         calibrating = self.rounds - self.warmup_rounds
@@ -291,6 +311,13 @@ class AdaptiveController:
         elif calibrating < len(self.CALIBRATION):
             # Timed rounds at several k so the verify cost curve and drafter cost are measured.
             k = min(self.k_max, self.CALIBRATION[calibrating])
+        elif self.request_start and not self.drafting:
+            # The last request ended in plain steps: this one starts plain too, and its first
+            # steps shadow-probe (see plain_burst).  Drafting first on the new request's
+            # prior-pulled estimate would cost a failed deep round on text the drafter
+            # cannot guess; the shadow probes decide within two steps, almost for free.
+            k = 0
+            self.starting_plain = True
         else:
             rates = self.rates()
             k = _argmax(rates, 1)
@@ -299,50 +326,55 @@ class AdaptiveController:
                 # Entering drafting needs a margin: the estimates are noisy, and drafting on
                 # the wrong side of a close call loses more than plain steps forgo.  Leaving
                 # needs none: drafting rounds keep measuring acceptance, plain steps only
-                # probe, so a few unlucky rounds on text where drafting pays would otherwise
-                # end it for most of a request.
+                # shadow-probe position 1, so a few unlucky rounds on text where drafting
+                # pays would otherwise end it for most of a request.
                 k = 0
             self.drafting = k > 0
             if k > 0:
-                # Drafting pays; should that change, the first plain bursts are short, as the
-                # switch may rest on two or three unlucky rounds.  Halved per drafting round,
-                # not reset: one round drafted on a new request's prior (the usual first
-                # round where drafting loses) must not bring back frequent probes.
+                # Drafting pays; should that change, the first plain bursts are short (their
+                # shadow probes come often), as the switch may rest on two or three unlucky
+                # rounds.  Halved per drafting round, not reset: one round drafted on a new
+                # request's prior must not bring back frequent shadow probes.
                 self.burst_ramp = max(self.first_burst, self.burst_ramp // 2)
-            self.probing = k == 0 and self.probe_due
-            if self.probing:
-                k = self.probe_k()
-            elif k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
+            if k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
                 # Explore: acceptance at positions past the chosen k is otherwise never
                 # observed, and a pessimistic guess there would keep k small for good;
                 # but not a k already measured to be far slower.
                 deeper = min(self.k_max, k + 2)
                 k = deeper if rates[deeper] >= self.explore_floor * rates[k] else k
             k = min(k, self.k_cap)
-            self.probe_due = False
+        self.request_start = False
         self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
         return k
 
-    def plain_burst(self) -> int:
-        """Plain steps to run before asking again (k = 0 was chosen)."""
+    def plain_burst(self) -> PlainBurst:
+        """Plain steps to run before asking again (k = 0 was chosen), and their shadow probes."""
         if self.rounds - self.warmup_rounds < len(self.CALIBRATION):
             self.rounds += 1
-            return self.CALIBRATION_BURST
-        if self.plain_left == 0:  # else the rest of a burst the last request cut short
-            self.probe_interval = min(self.burst_ramp, self.steps_between_probes())
-            self.burst_ramp = min(2 * self.burst_ramp, self.max_probe_interval)
-            self.plain_left = self.probe_interval
-        self.probe_due = True
-        return self.plain_left
+            return PlainBurst(self.CALIBRATION_BURST)  # prices plain steps: no drafter time
+        depth = self.shadow_depth()
+        if self.starting_plain:
+            self.starting_plain = False
+            n = self.start_shadows
+            return PlainBurst(n + depth - 1, n, depth)
+        steps = min(self.burst_ramp, self.shadow_interval())
+        self.burst_ramp = min(2 * self.burst_ramp, self.max_shadow_interval)
+        if self.shadow_passed and self.close_call():
+            # Near break-even a passed probe is worth confirming soon: where drafting pays
+            # only at high acceptance (4-bit weights on a CPU) many must pass before the
+            # estimate says so.  Far from it (text the drafter cannot guess) a lucky draft
+            # changes nothing, and the spacing stays.
+            steps = min(steps, self.first_burst)
+        return PlainBurst(max(steps, depth), 1, depth)
 
-    def probe_k(self) -> int:
-        """Drafts in a probe: the fewest whose round would beat plain steps (by the margin)
-        if every draft passed, else one.
+    def shadow_depth(self) -> int:
+        """Drafts per shadow probe: the fewest whose round would beat plain steps (by the
+        margin) if all passed, else one.
 
-        Usually one, the cheapest round; deeper positions follow its measure of position 1
-        (their prior chains to it; see acceptance()).  But where verifying two tokens costs
-        about two steps (4-bit weights on a CPU), a one-draft round cannot pay even when it
-        passes, and probes at one draft could never show that drafting pays.
+        Usually one, the cheapest; deeper positions follow its measure of position 1 (their
+        prior chains to it; see acceptance()).  But where verifying two tokens costs about
+        two steps (4-bit weights on a CPU) only deep rounds can pay, and only evidence
+        that deep drafts pass can show it.
         """
         need = (1 + self.draft_margin) / self.round_time(0)
         for k in range(1, self.k_max + 1):
@@ -350,32 +382,48 @@ class AdaptiveController:
                 return k
         return 1
 
+    def shadow_interval(self) -> int:
+        """Plain steps per shadow probe, so that the drafter steps they add stay within
+        ``shadow_budget`` of the plain steps' time."""
+        if self.draft_cost is None or self.plain_cost is None:
+            return self.min_shadow_interval
+        steps = self.shadow_depth() * self.draft_cost / (self.shadow_budget * self.plain_cost)
+        return int(min(self.max_shadow_interval, max(self.min_shadow_interval, steps)))
+
     def close_call(self) -> bool:
-        """Whether the best drafting k is estimated within ``streak_gap`` of plain steps."""
+        """Whether the best drafting k is estimated within ``close_gap`` of plain steps."""
         rates = self.rates()
-        return max(rates[1:]) >= (1 - self.streak_gap) * rates[0]
+        return max(rates[1:]) >= (1 - self.close_gap) * rates[0]
 
-    def steps_between_probes(self) -> int:
-        """Plain steps per probe, so that what a probe is expected to lose against plain
-        steps stays within ``probe_budget`` of the time between probes: a close call is
-        probed every ``probe_interval`` steps (each probe sharpens the estimate), a clear
-        loss up to ``max_probe_interval`` steps apart."""
-        plain, k = self.round_time(0), self.probe_k()
-        loss = self.round_time(k) - self.expected_tokens(k) * plain
-        steps = loss / (self.probe_budget * plain)
-        return int(min(self.max_probe_interval, max(self.base_probe_interval, steps)))
-
-    def observe_plain(self, steps: int, seconds: float) -> None:
-        """Plain steps run (a whole burst, or what ran of it before the request ended) and
-        their cost: the k = 0 option's real price."""
-        self.plain_left = max(0, self.plain_left - steps)
+    def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
+        """Plain steps run (a whole burst, or what ran of it before the request ended), their
+        wall time and the shadow probes' drafter steps among them: the k = 0 option's price."""
         if steps >= 2:
-            self.plain_cost = _ema(self.plain_cost, seconds / steps)
+            seconds -= drafter_steps * (self.draft_cost or 0.0)
+            self.plain_cost = _ema(self.plain_cost, max(seconds, 1e-9) / steps)
+
+    def observe_shadow(self, drafted: int, accepted: float) -> None:
+        """A shadow probe: ``drafted`` drafts at a plain step, scored against the target's
+        tokens as a round would have (greedy: the first ``accepted`` passed; sampling, one
+        draft: the probability that speculative sampling accepts it, ``sum(min(p, q))``)."""
+        self._decay(drafted)
+        whole = int(accepted)
+        for i in range(1, min(drafted, whole + 1) + 1):
+            self.trials[i] += 1.0
+            self.hits[i] += 1.0 if i <= whole else accepted - whole
+        self.shadow_passed = accepted >= 0.5 * drafted
 
     def observe(self, k: int, accepted: int) -> None:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
         self.rounds += 1
-        self.plain_left = 0  # a drafting round (or probe) ends any plain burst
+        self._decay(k)
+        for i in range(1, min(k, accepted + 1) + 1):
+            self.trials[i] += 1.0
+            self.hits[i] += float(i <= accepted)
+        self.k_cap = max(self.k_cap, 2 * accepted)
+
+    def _decay(self, k: int) -> None:
+        """Age the acceptance evidence by one round that drafted k."""
         for i in range(1, self.k_max + 1):
             # Positions past k were not drafted: their old evidence goes stale faster, so
             # their estimate returns to the prior (the position before, which is being
@@ -383,22 +431,6 @@ class AdaptiveController:
             keep = self.decay if i <= k else self.decay * self.stale_decay
             self.trials[i] *= keep
             self.hits[i] *= keep
-        for i in range(1, min(k, accepted + 1) + 1):
-            self.trials[i] += 1.0
-            self.hits[i] += float(i <= accepted)
-        self.k_cap = max(self.k_cap, 2 * accepted)
-        if self.probing and accepted == k and self.streak < self.probe_streak and self.close_call():
-            # A probe that passed probes again at once, without the plain burst between:
-            # one passed probe is weak evidence (it adds one trial against the prior and the
-            # last request), and where drafting pays only at high acceptance (4-bit weights
-            # on a CPU) a dozen must pass before it resumes; spaced by bursts, that took most
-            # of a request.  Only near the break-even point, though: on text the drafter cannot
-            # guess a lucky probe changes nothing, and probing again would only lose time.
-            self.probe_due = True
-            self.streak += 1
-        else:
-            self.streak = 0
-        self.probing = False
 
     def observe_cost(self, k: int, timing: RoundTiming) -> None:
         """Costs measured on a timed round (warm-up rounds are ignored)."""

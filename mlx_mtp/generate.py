@@ -596,6 +596,11 @@ def _mtp_line(stats, num_draft_tokens: Union[int, str, None] = None) -> str:
             "machine verifying drafts measured too costly for the drafts' acceptance "
             "(pass --num-draft-tokens N to force drafting)"
         )
+    probes = getattr(stats, "shadow_probes", 0)
+    if probes:
+        # Shadow probes: drafts scored during plain steps (they keep acceptance measured).
+        passed = stats.shadow_accepted / probes
+        line += f"\nMTP: {probes} shadow probes during plain steps, mean drafts passed {passed:.2f}"
     return line
 
 

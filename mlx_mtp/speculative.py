@@ -47,6 +47,8 @@ class GenerationStats:
     timed_draft_steps: int = 0
     timed_target_forwards: int = 0
     k_counts: Dict[int, int] = field(default_factory=dict)
+    shadow_probes: int = 0  # plain steps that also scored a drafter step (auto, at k = 0)
+    shadow_accepted: float = 0.0  # expected accepted drafts among them
     mtp: bool = False
     peak_memory_bytes: int = 0
 
@@ -365,25 +367,72 @@ def generate_tokens(
         stats.peak_memory_bytes = mx.get_peak_memory()
 
 
-def _plain_burst(model, cache, state: RoundState, sampler, steps: int, stats):
+def _plain_burst(
+    model, cache, state: RoundState, sampler, steps: int, stats, drafter=None, plan=None
+):
     """Up to ``steps`` plain decoding steps, pipelined (the next forward is queued
-    before this token is read).  Yields the tokens; returns the next round's state."""
+    before this token is read).  Yields ``(token, shadows)``; returns the next round's state.
 
-    def step(tok):
-        res = model.forward(tok[None], cache, return_hidden=True)
+    With a drafter and a ``plan`` (``PlainBurst``), the first ``plan.probes`` steps are also
+    shadow probes: the drafter drafts ``plan.depth`` tokens from the step's input state (one
+    when sampling), joining the step's lazy graph (a drafter step per draft, no extra
+    synchronisation), and the drafts are scored against the tokens the target then
+    produces.  ``shadows`` lists the ``(drafted, accepted)`` of the probes scored at this
+    token: greedy, the matching prefix; sampling, ``sum(min(p, q))``, the probability that
+    speculative sampling would accept the draft.  A probe the burst's end cuts short is
+    scored on the tokens it reached.
+    """
+    probes = plan.probes if drafter is not None and plan is not None else 0
+    depth = 1 if not sampler.greedy else plan.depth if probes else 0
+
+    def step(st: RoundState, probe: bool):
+        q = _shadow_draft(model, drafter, cache, st, depth, sampler) if probe else None
+        res = model.forward(st.token[None], cache, return_hidden=True)
         stats.target_forwards += 1
         stats.record_round(0, 0)
-        return RoundState(sampler(res.logits[0, -1]).reshape(1).astype(mx.int32), res.hidden)
+        logits = res.logits[0, -1]
+        tok = sampler(logits).reshape(1).astype(mx.int32)
+        if probe and not sampler.greedy:
+            q = mx.minimum(sampler.probs(logits), q).sum()  # acceptance probability
+        mx.async_eval(tok, *([q] if probe else []))
+        return RoundState(tok, res.hidden), q
 
-    nxt = step(state.token)
-    mx.async_eval(nxt.token)
+    chains: List[List] = []  # greedy probes being scored: [drafts, tokens matched so far]
+    nxt, shadow = step(state, probes > 0)
     for i in range(steps):
-        state = nxt
+        state, cur = nxt, shadow
         if i + 1 < steps:
-            nxt = step(state.token)
-            mx.async_eval(nxt.token)
-        yield state.token.item()
+            nxt, shadow = step(state, i + 1 < probes)
+        tok = state.token.item()
+        scored = []
+        if cur is not None and not sampler.greedy:
+            scored.append((1, cur.item()))
+        elif cur is not None:
+            chains.append([cur.tolist(), 0])
+        for chain in list(chains):
+            drafts, n = chain
+            if drafts[n] == tok and n + 1 < len(drafts) and i + 1 < steps:
+                chain[1] = n + 1
+                continue
+            chains.remove(chain)
+            passed = n + int(drafts[n] == tok)
+            # Drafted: up to the first miss, or all that could be compared.
+            scored.append((len(drafts) if passed < n + 1 else n + 1, passed))
+        for drafted, accepted in scored:
+            stats.shadow_probes += 1
+            stats.shadow_accepted += accepted
+        yield tok, scored
     return state
+
+
+def _shadow_draft(model, drafter, cache, state: RoundState, depth: int, sampler) -> mx.array:
+    """A shadow probe's drafts from ``state`` (greedy: ``depth`` ids) or, sampling, the
+    drafter's distribution for the next token; from the cache before ``state.token`` is added."""
+    kv, position = drafter_kv(model, cache), cache[0].offset
+    if sampler.greedy:
+        return draft(model, drafter, state, kv, position, depth, sampler)[0]
+    logits, _ = drafter.draft_step(model.embed(state.token[None]), state.hidden, kv, position)
+    return sampler.probs(logits[0, -1])
 
 
 def _plain_steps(
@@ -394,7 +443,7 @@ def _plain_steps(
     yield first, False
     if first in stop_ids:
         return
-    for tok in _plain_burst(model, cache, state, sampler, max_tokens - 1, stats):
+    for tok, _ in _plain_burst(model, cache, state, sampler, max_tokens - 1, stats):
         yield tok, False
         if tok in stop_ids:
             return
@@ -415,24 +464,28 @@ def _mtp_steps(
         remaining = max_tokens - produced
         k = min(controller.choose(), remaining - 1)
         if k <= 0:
-            steps = min(controller.plain_burst(), remaining)
+            plan = controller.plain_burst()
+            steps = min(plan.steps, remaining)
             tic = time.perf_counter()
-            burst = _plain_burst(model, cache, state, sampler, steps, stats)
+            burst = _plain_burst(model, cache, state, sampler, steps, stats, drafter, plan)
             ran = 0
             while True:
                 try:
-                    tok = next(burst)
+                    tok, shadows = next(burst)
                 except StopIteration as done:
                     state = done.value
                     break
                 produced += 1
                 ran += 1
+                for drafted, accepted in shadows:
+                    controller.observe_shadow(drafted, accepted)
                 yield tok, False
                 if tok in stop_ids or produced >= max_tokens:
-                    # The controller carries what is left of the burst into the next request.
-                    controller.observe_plain(ran, time.perf_counter() - tic)
-                    return
-            controller.observe_plain(steps, time.perf_counter() - tic)
+                    break
+            drafter_steps = min(ran, plan.probes) * (plan.depth if sampler.greedy else 1)
+            controller.observe_plain(ran, time.perf_counter() - tic, drafter_steps)
+            if tok in stop_ids or produced >= max_tokens:
+                return
             continue
         timing = RoundTiming() if controller.wants_timing() else None
         tic = time.perf_counter()

@@ -144,9 +144,18 @@ def replay_request(
         remaining = n_tokens - produced
         k = min(ctrl.choose(), remaining - 1)
         if k <= 0:
-            steps = min(ctrl.plain_burst(), remaining)
-            dt = machine.seconds(kind, 0, steps)
-            ctrl.observe_plain(steps, dt)
+            plan = ctrl.plain_burst()
+            steps = min(plan.steps, remaining)
+            probes, depth = min(plan.probes, steps), plan.depth if trace is not None else 1
+            for s in range(probes):  # shadow probes, scored as _plain_burst scores them
+                if trace is None:
+                    ctrl.observe_shadow(1, accept[0])  # the expected acceptance, as sum(min(p, q))
+                    continue
+                avail = min(depth, steps - s)
+                n = min(avail, trace[produced - 1 + s])
+                ctrl.observe_shadow(depth if n < avail else n, n)
+            dt = machine.seconds(kind, 0, steps) + probes * depth * machine.curves[kind]["draft"]
+            ctrl.observe_plain(steps, dt, probes * depth)
             produced, total = produced + steps, total + dt
             continue
         timed = ctrl.wants_timing()

@@ -4,10 +4,26 @@ import random
 
 import pytest
 
-from mlx_mtp.controller import AdaptiveController, RoundTiming
+from mlx_mtp.controller import AdaptiveController, PlainBurst, RoundTiming
 from mlx_mtp.sampling import Sampler
 from mlx_mtp.speculative import generate_tokens, make_controller
 from tiny_mlx import make_pair
+
+
+def plain(ctrl, passes, verify_cost, draft_cost, limit=1 << 30):
+    """Run one plain burst as ``speculative._mtp_steps`` does: ``passes()`` says whether a
+    shadow probe's draft passed.  Returns (steps, shadow probes)."""
+    burst = ctrl.plain_burst()
+    steps = min(burst.steps, limit)  # the request may end mid-burst
+    probes = min(burst.probes, steps)
+    for _ in range(probes):
+        n = 0
+        while n < burst.depth and passes():
+            n += 1
+        ctrl.observe_shadow(burst.depth, n)
+    drafter_steps = probes * burst.depth
+    ctrl.observe_plain(steps, steps * verify_cost(1) + drafter_steps * draft_cost, drafter_steps)
+    return steps, probes
 
 
 def simulate(ctrl, rounds, accept_p, verify_cost, draft_cost, rng):
@@ -16,8 +32,7 @@ def simulate(ctrl, rounds, accept_p, verify_cost, draft_cost, rng):
     for _ in range(rounds):
         k = ctrl.choose()
         if k == 0:
-            steps = ctrl.plain_burst()
-            ctrl.observe_plain(steps, steps * verify_cost(1))
+            plain(ctrl, lambda: rng.random() < accept_p, verify_cost, draft_cost)
             ks.append(0)
             continue
         n = 0
@@ -42,8 +57,8 @@ def test_chooses_zero_when_verification_grows_faster_than_acceptance():
     ctrl = AdaptiveController()
     ks = simulate(ctrl, 300, 0.3, lambda m: 10.0 * m, 2.0, random.Random(0))
     assert ctrl.best_k() == 0
-    # Plain bursts, and between them only probes (one draft each, sometimes a few in a row).
-    assert set(ks[-100:]) == {0, ctrl.probe_k()} and ctrl.probe_k() == 1
+    # Plain bursts only: acceptance is measured by their shadow probes, not by drafting rounds.
+    assert set(ks[-100:]) == {0}
 
 
 def test_chooses_large_k_when_drafts_always_pass_and_verify_is_cheap():
@@ -72,15 +87,26 @@ def test_recovers_after_regime_change():
     assert tail_mode(ks, 50) >= 4
 
 
-def test_plain_bursts_while_at_zero_keep_probing():
-    ctrl = AdaptiveController(max_probe_interval=256)
-    ks = simulate(ctrl, 400, 0.0, lambda m: 10.0 * m, 2.0, random.Random(3))
-    probes = [k for k in ks[len(ctrl.CALIBRATION) + 2 :] if k > 0]
-    assert len(probes) >= 10  # it never stops checking
-    # ...but probes are rare in tokens: a probe here (one draft, always rejected) loses
-    # 1.25 plain steps, so bursts are long enough to keep that near 1% of the time.
-    assert 100 <= ctrl.probe_interval <= 256
-    assert set(probes) == {1}  # the cheapest probe
+def test_plain_bursts_keep_shadow_probing_within_budget():
+    """At k = 0 every burst shadow-probes, as rarely as keeps the drafter steps near 1%."""
+    ctrl = AdaptiveController()
+    rng = random.Random(3)
+    simulate(ctrl, 50, 0.0, lambda m: 10.0 * m, 2.0, rng)
+    steps = shadows = 0
+    for _ in range(200):
+        assert ctrl.choose() == 0
+        s, p = plain(ctrl, lambda: False, lambda m: 10.0 * m, 2.0)
+        steps, shadows = steps + s, shadows + p
+    assert shadows >= 100  # it never stops checking
+    # A drafter step costs 0.2 plain steps: one shadow probe per 20 steps is 1%.
+    assert ctrl.shadow_interval() == 20
+    assert shadows * 2.0 <= 0.012 * steps * 10.0
+    # The plain steps' price leaves the shadow probes' drafter time out.
+    assert ctrl.round_time(0) == pytest.approx(10.0)
+    # A drafter much cheaper than a step probes more often, but not at every step.
+    ctrl = AdaptiveController()
+    simulate(ctrl, 100, 0.0, lambda m: 10.0 * m, 0.02, random.Random(3))
+    assert ctrl.shadow_interval() == ctrl.min_shadow_interval
 
 
 def test_new_request_keeps_costs_but_relearns_acceptance():
@@ -88,7 +114,7 @@ def test_new_request_keeps_costs_but_relearns_acceptance():
     ctrl = AdaptiveController(k_max=8)
     cheap = lambda m: 10.0 + 0.2 * m  # noqa: E731
     simulate(ctrl, 150, 0.0, cheap, 5.0, rng)  # a prompt the drafter cannot guess
-    assert ctrl.best_k() == 0 and ctrl.probe_interval > ctrl.base_probe_interval
+    assert ctrl.best_k() == 0
     costs = dict(ctrl.verify_cost)
     ctrl.start_request()
     assert ctrl.verify_cost == costs
@@ -97,15 +123,29 @@ def test_new_request_keeps_costs_but_relearns_acceptance():
     assert tail_mode(ks, 20) >= 3
 
 
-def test_close_calls_are_probed_often_clear_losses_rarely():
-    # Drafting clearly loses (verify cost grows 10x per token, 30% acceptance): probes back off.
-    ctrl = AdaptiveController()
-    simulate(ctrl, 200, 0.3, lambda m: 10.0 * m, 2.0, random.Random(5))
-    assert ctrl.probe_interval >= 4 * ctrl.base_probe_interval
-    # Near break-even (k=1 about as fast as plain): the probe interval stays short.
-    ctrl = AdaptiveController()
-    simulate(ctrl, 200, 0.45, lambda m: 10.0 + 4.0 * (m - 1), 0.5, random.Random(6))
-    assert ctrl.best_k() == 0 or ctrl.probe_interval == ctrl.base_probe_interval
+def test_a_request_after_plain_steps_starts_plain_and_shadow_probes():
+    """After text the drafter cannot guess, the next request does not open with a drafting
+    round on its prior: it starts plain, and its first steps' shadow probes decide."""
+    ctrl = AdaptiveController(k_max=8)
+    cheap = lambda m: 10.0 + 0.2 * m  # noqa: E731
+    simulate(ctrl, 150, 0.0, cheap, 0.3, random.Random(11))
+    ctrl.start_request()
+    assert ctrl.choose() == 0
+    burst = ctrl.plain_burst()
+    assert burst.probes == ctrl.start_shadows and burst.depth == 1
+    for _ in range(ctrl.start_shadows):
+        ctrl.observe_shadow(1, 0.0)
+    assert ctrl.choose() == 0  # still nothing passes: plain steps
+    # Easy text: the same two probes pass, and the request drafts at once.
+    ctrl.start_request()
+    assert ctrl.choose() == 0
+    ctrl.plain_burst()
+    for _ in range(ctrl.start_shadows):
+        ctrl.observe_shadow(1, 1.0)
+    assert ctrl.choose() > 0
+    # After a request that drafted, the next one drafts from its first round.
+    ctrl.start_request()
+    assert ctrl.choose() > 0
 
 
 def test_observed_round_times_override_the_cost_model():
@@ -115,8 +155,7 @@ def test_observed_round_times_override_the_cost_model():
     for _ in range(300):
         k = ctrl.choose()
         if k == 0:
-            steps = ctrl.plain_burst()
-            ctrl.observe_plain(steps, steps * 10.0)
+            plain(ctrl, lambda: rng.random() < 0.9, lambda m: 10.0, 0.3)
             continue
         n = sum(1 for _ in iter(lambda: rng.random() < 0.9, False)) if k else 0
         n = min(n, k)
@@ -214,77 +253,56 @@ def test_controllers_are_kept_per_pair():
     assert ctrl.rounds > before
 
 
-def test_probes_draft_enough_to_pay_when_one_draft_cannot():
+def test_drafting_resumes_where_only_deep_rounds_pay():
     """Verifying 2 tokens costs 2 steps (as with 4-bit weights on a CPU), more tokens little
-    extra: a one-draft round cannot beat plain steps even when it passes, so probes at one
-    draft could never show that drafting pays again.  Probes must draft deeper."""
+    extra: a one-draft round cannot beat plain steps even when it passes.  Shadow probes
+    measure position 1 without a round, and deeper positions follow it, so drafting resumes
+    (deep) once easy text is back."""
     rng = random.Random(9)
     ctrl = AdaptiveController(k_max=8)
     verify = lambda m: 10.0 * m if m <= 2 else 20.0 + 2.0 * (m - 2)  # noqa: E731
     simulate(ctrl, 150, 0.0, verify, 0.3, rng)  # text the drafter cannot guess: plain steps
     assert ctrl.best_k() == 0
-    assert ctrl.probe_k() >= 2
-    ks = simulate(ctrl, 300, 0.97, verify, 0.3, rng)  # easy text again
-    first_deep = next(i for i, k in enumerate(ks) if k >= 2)
-    # Within a probe or two, not after dozens of one-draft probes that pass but cannot pay.
-    assert sum(1 for k in ks[:first_deep] if k > 0) <= 2
+    plain_steps, ks = _plain_steps_until_drafting(ctrl, verify)
+    assert plain_steps <= 200, plain_steps
+    ks = simulate(ctrl, 300, 0.97, verify, 0.3, rng)
     assert tail_mode(ks, 50) >= 2
 
 
-def _plain_steps_until_drafting(ctrl, rng, history_acceptance, verify):
-    """Drafting has not paid (acceptance history_acceptance); then every draft passes.
-    Returns the plain steps and the rounds ("b" burst, "p" probe) before it drafts again."""
-    simulate(ctrl, 150, history_acceptance, verify, 2.0, rng)
-    assert ctrl.best_k() == 0
-    ctrl.start_request()
-    plain, kinds = 0, ""
-    while ctrl.best_k() == 0:
-        k = ctrl.choose()
-        if k == 0:
-            steps = ctrl.plain_burst()
-            plain += steps
-            ctrl.observe_plain(steps, steps * verify(1))
-            kinds += "b"
-            continue
-        ctrl.observe(k, k)  # easy text again: every draft passes
-        ctrl.observe_round_time(k, k * 2.0 + verify(k + 1) + 0.5)
-        kinds += "p"
-        assert len(kinds) < 1000, "drafting never resumed"
-    return plain, kinds
+def _plain_steps_until_drafting(ctrl, verify):
+    """Every draft passes from now on: plain steps (and bursts) before the controller drafts."""
+    steps = bursts = 0
+    while ctrl.choose() == 0:
+        steps += plain(ctrl, lambda: True, verify, 2.0)[0]
+        bursts += 1
+        assert bursts < 1000, "drafting never resumed"
+    return steps, bursts
 
 
-def test_passed_probes_near_break_even_probe_again_without_a_plain_burst():
-    """Where drafting pays only at high acceptance, several probes must pass before the
-    estimate says so.  Near break-even a probe that passed probes again at once (a failed
-    one does not), so drafting resumes after fewer plain steps than with a burst between
-    every probe; far from it (text the drafter cannot guess) probes stay spaced."""
+def test_passed_shadow_probes_near_break_even_are_confirmed_soon():
+    """Where drafting pays only at high acceptance, many drafts must pass before the estimate
+    says so.  Near break-even a passed shadow probe shortens the next burst, so drafting
+    resumes after fewer plain steps than with the usual spacing; far from it (text the
+    drafter cannot guess) a lucky draft changes nothing and the spacing stays."""
     verify = lambda m: 10.0 + 6.0 * (m - 1)  # noqa: E731  break-even acceptance ~0.93
-    streak = spaced = 0
+    soon = spaced = 0
     for seed in range(3):
-        plain, kinds = _plain_steps_until_drafting(
-            AdaptiveController(k_max=8), random.Random(seed), 0.8, verify
-        )
-        assert "pp" in kinds
-        streak += plain
-        spaced += _plain_steps_until_drafting(
-            AdaptiveController(k_max=8, probe_streak=0), random.Random(seed), 0.8, verify
-        )[0]
-    assert streak <= 0.75 * spaced, (streak, spaced)
-    # After text the drafter could not guess, one passed probe proves little: no streak.
-    _, kinds = _plain_steps_until_drafting(
-        AdaptiveController(k_max=8), random.Random(0), 0.0, verify
-    )
-    assert "pp" not in kinds[:12], kinds
-    # A failed probe is followed by plain steps, not by another probe.
+        for close_gap in (0.03, -1.0):  # the default, and never a close call
+            ctrl = AdaptiveController(k_max=8, close_gap=close_gap)
+            simulate(ctrl, 150, 0.7, verify, 2.0, random.Random(seed))
+            assert ctrl.best_k() == 0
+            ctrl.start_request()
+            steps = _plain_steps_until_drafting(ctrl, verify)[0]
+            soon, spaced = (soon + steps, spaced) if close_gap > 0 else (soon, spaced + steps)
+    assert soon <= 0.75 * spaced, (soon, spaced)
+    # After text the drafter could not guess, one passed probe does not shorten the bursts.
     ctrl = AdaptiveController(k_max=8)
-    simulate(ctrl, 150, 0.8, verify, 2.0, random.Random(5))
-    while ctrl.choose() != 0:
-        ctrl.observe(1, 0)
-    ctrl.plain_burst()
-    k = ctrl.choose()
-    assert k > 0  # the probe after the burst
-    ctrl.observe(k, 0)
+    simulate(ctrl, 150, 0.0, verify, 2.0, random.Random(0))
     assert ctrl.choose() == 0
+    depth = ctrl.plain_burst().depth
+    ctrl.observe_shadow(depth, float(depth))
+    assert ctrl.choose() == 0
+    assert ctrl.plain_burst().steps == ctrl.shadow_interval() > ctrl.first_burst
 
 
 def _drafted_share(ctrl, hits, verify, draft_cost):
@@ -294,9 +312,8 @@ def _drafted_share(ctrl, hits, verify, draft_cost):
     while p < len(hits) - ctrl.k_max:
         k = ctrl.choose()
         if k == 0:
-            steps = ctrl.plain_burst()
-            ctrl.observe_plain(steps, steps * verify(1))
-            p += steps
+            at = iter(range(p, len(hits)))
+            p += plain(ctrl, lambda: hits[next(at)] == "1", verify, draft_cost)[0]
             continue
         accepted = 0
         while accepted < k and hits[p + accepted] == "1":
@@ -311,7 +328,8 @@ def _drafted_share(ctrl, hits, verify, draft_cost):
 def test_drafting_that_pays_a_little_survives_unlucky_rounds():
     """Acceptance 0.7 where a one-draft round costs 1.6 plain steps: drafting pays ~6%.
     Entering drafting needs a margin over plain steps, leaving it does not (plain steps
-    only probe, so a few unlucky rounds would otherwise end drafting for long stretches)."""
+    shadow-probe one position, so a few unlucky rounds would otherwise end drafting for long
+    stretches)."""
     verify = lambda m: 10.0 + 5.0 * (m - 1)  # noqa: E731
     shares = {}
     for exit_margin in (0.0, 0.03):  # the default, and leaving with the entry margin
@@ -322,7 +340,7 @@ def test_drafting_that_pays_a_little_survives_unlucky_rounds():
             simulate(ctrl, 150, 0.95, verify, 0.5, rng)  # drafting clearly paid so far
             hits = "".join("1" if rng.random() < 0.7 else "0" for _ in range(3000))
             shares[exit_margin].append(_drafted_share(ctrl, hits, verify, 0.5))
-    assert min(shares[0.0]) >= 0.6, shares
+    assert min(shares[0.0]) >= 0.55, shares
     assert sum(shares[0.0]) >= sum(shares[0.03]) + 0.5, shares
 
 
@@ -334,9 +352,7 @@ def _request(ctrl, n_tokens, accept, verify, draft_cost=0.3):
         remaining = n_tokens - produced
         k = min(ctrl.choose(), remaining - 1)
         if k <= 0:
-            steps = min(ctrl.plain_burst(), remaining)  # the request may end mid-burst
-            ctrl.observe_plain(steps, steps * verify(1))
-            produced += steps
+            produced += plain(ctrl, lambda: accept, verify, draft_cost, remaining)[0]
             continue
         n = k if accept else 0
         timed = ctrl.wants_timing()
@@ -350,35 +366,35 @@ def _request(ctrl, n_tokens, accept, verify, draft_cost=0.3):
     return ks
 
 
-def test_requests_shorter_than_the_probe_interval_still_probe():
-    """A long-lived app sends short requests (32 tokens).  Once drafting clearly lost, plain
-    bursts between probes outlast a request: the burst must carry over into the next request,
-    or no request ever probes and drafting never resumes for the life of the process."""
+def test_short_requests_still_probe():
+    """A long-lived app sends short requests (32 tokens).  Once drafting clearly lost, every
+    request must still measure acceptance, or drafting never resumes for the life of the
+    process (seen with probes spaced wider than a request)."""
     # 4-bit weights on a CPU: verifying m tokens costs nearly m steps; drafting pays only when
     # nearly every draft passes, so each request starts with plain steps, not a drafting round.
     verify = lambda m: 10.0 * m if m <= 2 else 20.0 + 8.0 * (m - 2)  # noqa: E731
     ctrl = AdaptiveController(k_max=8)
     for _ in range(40):  # text the drafter cannot guess
         _request(ctrl, 32, False, verify)
-    assert ctrl.best_k() == 0 and ctrl.probe_interval > 32
+    assert ctrl.best_k() == 0
     drafted = [_request(ctrl, 32, True, verify) for _ in range(40)]  # easy text again
     first = next((i for i, ks in enumerate(drafted) if len(ks) >= 3), None)
-    assert first is not None and first <= 20, [len(ks) for ks in drafted]
+    assert first is not None and first <= 5, [len(ks) for ks in drafted]
     assert all(len(ks) >= 3 for ks in drafted[-20:]), [len(ks) for ks in drafted]
 
 
 def test_generation_reports_plain_steps_of_a_burst_the_request_cut_short():
     """The decoding loop tells the controller how many steps of a plain burst ran, also when
-    the request ends inside the burst (the controller carries the rest into the next one)."""
+    the request ends inside the burst (its plain-step price must not count unrun steps)."""
 
     class PlainOnly(AdaptiveController):
         def choose(self) -> int:
             return 0
 
-        def plain_burst(self) -> int:
-            return 1000  # a burst planned far past the request's end
+        def plain_burst(self):
+            return PlainBurst(1000)  # a burst planned far past the request's end
 
-        def observe_plain(self, steps: int, seconds: float) -> None:
+        def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
             self.ran.append(steps)
 
     model, drafter = make_pair(seed=0, window=8)

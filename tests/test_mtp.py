@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_mtp.cache import trim_cache
+from mlx_mtp.controller import PlainBurst
 from mlx_mtp.errors import DrafterMismatchError, GenerationError
 from mlx_mtp.loading import load
 from mlx_mtp.models.gemma4_assistant import AssistantConfig, Drafter
@@ -17,6 +18,8 @@ from mlx_mtp.speculative import (
     GenerationStats,
     RoundState,
     check_pair,
+    draft,
+    drafter_kv,
     generate_tokens,
     mtp_round,
     prefill,
@@ -259,3 +262,91 @@ def test_greedy_step_equals_argmax_of_draft_logits(centroids):
         tok, h2 = drafter.greedy_step(emb, hidden, kv, 36)
         assert tok.item() == mx.argmax(logits[0, -1]).item()
         assert mx.array_equal(h1, h2)
+
+
+class _ShadowEveryStep(FixedController):
+    """k = 0 throughout, every plain step a shadow probe of ``depth`` drafts; records them."""
+
+    def __init__(self, burst: int, depth: int):
+        super().__init__(0)
+        self.burst, self.depth, self.seen = burst, depth, []
+
+    def plain_burst(self):
+        return PlainBurst(self.burst, self.burst, self.depth)
+
+    def observe_shadow(self, drafted, accepted):
+        self.seen.append((drafted, accepted))
+
+
+def _state_after(model, ids):
+    """The decoding state with ``ids[:-1]`` in a fresh cache and ``ids[-1]`` to come,
+    built one token at a time (the shape of every plain step)."""
+    cache = model.make_cache(slack=32)
+    _, hidden = prefill(model, cache, ids[:-1], 1, GenerationStats())
+    return cache, RoundState(mx.array([ids[-1]], dtype=mx.int32), hidden)
+
+
+def _expected_shadows(model, drafter, prompt, out, burst, depth, sampler):
+    """What each shadow probe must report, from scratch: at every plain step, the drafter's
+    drafts from that step's state against the tokens the target produced next (cut at the
+    burst's end); sampling, sum(min(p, q)) for the step's own token distribution."""
+    expected = []
+    for j in range(1, len(out)):  # out[j] is produced by the plain step whose input is out[j-1]
+        cache, state = _state_after(model, prompt + out[:j])
+        kv, pos = drafter_kv(model, cache), cache[0].offset
+        if sampler.greedy:
+            drafts = draft(model, drafter, state, kv, pos, depth, sampler)[0].tolist()
+            avail = min(depth, burst - (j - 1) % burst, len(out) - j)
+            n = 0
+            while n < avail and drafts[n] == out[j + n]:
+                n += 1
+            expected.append((depth, n) if n < avail else (n, n))
+        else:
+            logits, _ = drafter.draft_step(model.embed(state.token[None]), state.hidden, kv, pos)
+            q = sampler.probs(logits[0, -1])
+            p = sampler.probs(model.forward(state.token[None], cache).logits[0, -1])
+            expected.append((1, mx.minimum(p, q).sum().item()))
+    return expected
+
+
+@needs_shared
+def test_shadow_probes_score_drafts_as_a_round_would(shared_pair):
+    """Greedy shadow probes (3 drafts, one per step, overlapping, cut at each 5-step burst's
+    end) report exactly the accepted prefix a round from that state would, and leave the
+    output equal to plain decoding."""
+    model, drafter, tok = shared_pair
+    prompt = tok.encode(CODE_PROMPT)
+    plain, _, _ = run(model, prompt, 24)
+    ctrl = _ShadowEveryStep(burst=5, depth=3)
+    stats = GenerationStats()
+    out = [
+        t
+        for t, _ in generate_tokens(
+            model, prompt, max_tokens=24, sampler=Sampler(), draft_model=drafter,
+            controller=ctrl, stats=stats,
+        )
+    ]
+    assert out == plain
+    expected = _expected_shadows(model, drafter, prompt, out, 5, 3, Sampler())
+    assert sorted(ctrl.seen) == sorted(expected) and len(expected) == 23
+    assert {a for _, a in ctrl.seen} >= {0, 3}  # both passing and failing drafts were seen
+    assert stats.shadow_probes == len(ctrl.seen)
+
+
+@needs_shared
+def test_sampled_shadow_probes_report_the_acceptance_probability(shared_pair):
+    model, drafter, tok = shared_pair
+    prompt = tok.encode(CODE_PROMPT)
+    sampler = Sampler(temperature=1.0)
+    mx.random.seed(3)
+    ctrl = _ShadowEveryStep(burst=4, depth=3)  # sampling probes one draft
+    out = [
+        t
+        for t, _ in generate_tokens(
+            model, prompt, max_tokens=12, sampler=sampler, draft_model=drafter, controller=ctrl
+        )
+    ]
+    expected = _expected_shadows(model, drafter, prompt, out, 4, 1, sampler)
+    assert [d for d, _ in ctrl.seen] == [1] * len(ctrl.seen) and len(ctrl.seen) == len(out) - 1
+    np.testing.assert_allclose([a for _, a in ctrl.seen], [a for _, a in expected], atol=1e-5)
+    assert 0.0 < sum(a for _, a in ctrl.seen) < len(ctrl.seen)
