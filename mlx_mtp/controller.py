@@ -139,7 +139,8 @@ class AdaptiveController:
         stale_decay: float = 0.85,
         line_weight: float = 2.0,
         max_round_weight: int = 10,
-        close_gap: float = 0.03,
+        close_gap: float = 0.15,
+        confirm_depth: int = 3,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -150,6 +151,7 @@ class AdaptiveController:
         self.max_shadow_interval = max_shadow_interval
         self.start_shadows = start_shadows
         self.close_gap = close_gap
+        self.confirm_depth = confirm_depth
         self.start_k = start_k
         self.draft_margin = draft_margin
         self.exit_margin = exit_margin
@@ -360,11 +362,12 @@ class AdaptiveController:
         steps = min(self.burst_ramp, self.shadow_interval())
         self.burst_ramp = min(2 * self.burst_ramp, self.max_shadow_interval)
         if self.shadow_passed and self.close_call():
-            # Near break-even a passed probe is worth confirming soon: where drafting pays
-            # only at high acceptance (4-bit weights on a CPU) many must pass before the
-            # estimate says so.  Far from it (text the drafter cannot guess) a lucky draft
-            # changes nothing, and the spacing stays.
-            steps = min(steps, self.first_burst)
+            # Near break-even a passed probe is worth confirming soon, and deeper (each
+            # passed draft is one more observation): where drafting pays only at high
+            # acceptance several must pass before the estimate says so, and spaced out that
+            # took most of a request.  Far from it (text the drafter cannot guess) a lucky
+            # draft changes nothing, and the spacing stays.
+            steps, depth = min(steps, self.first_burst), max(depth, self.confirm_depth)
         return PlainBurst(max(steps, depth), 1, depth)
 
     def shadow_depth(self) -> int:

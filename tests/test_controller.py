@@ -341,7 +341,7 @@ def test_drafting_that_pays_a_little_survives_unlucky_rounds():
             hits = "".join("1" if rng.random() < 0.7 else "0" for _ in range(3000))
             shares[exit_margin].append(_drafted_share(ctrl, hits, verify, 0.5))
     assert min(shares[0.0]) >= 0.55, shares
-    assert sum(shares[0.0]) >= sum(shares[0.03]) + 0.5, shares
+    assert sum(shares[0.0]) >= sum(shares[0.03]) + 0.25, shares
 
 
 def _request(ctrl, n_tokens, accept, verify, draft_cost=0.3):
