@@ -139,7 +139,7 @@ class AdaptiveController:
         stale_decay: float = 0.85,
         line_weight: float = 2.0,
         max_round_weight: int = 10,
-        close_gap: float = 0.15,
+        close_gap: float = 0.05,
         confirm_depth: int = 3,
     ):
         self.k_max = k_max
