@@ -240,7 +240,8 @@ class AdaptiveController:
         linear in k, so a line is fitted through the observed times (weighted by how often
         each k was seen).  A k seen often keeps mostly its own time; one seen once or twice
         and slower than the line is pulled towards it (a k whose few rounds happened to be
-        slow would otherwise never be chosen, and so never re-measured).  For a k not seen at all, the lower of
+        slow would otherwise never be chosen, and so never re-measured).  For a k not seen
+        at all, the lower of
         the line and the split-timing model: optimism on purpose, so it gets tried.
         """
         if k == 0 and self.plain_cost is not None:
@@ -359,7 +360,7 @@ class AdaptiveController:
             self.starting_plain = False
             n = self.start_shadows
             return PlainBurst(n + depth - 1, n, depth)
-        steps = min(self.burst_ramp, self.shadow_interval())
+        steps = min(self.burst_ramp, self.shadow_interval(depth))
         self.burst_ramp = min(2 * self.burst_ramp, self.max_shadow_interval)
         if self.shadow_passed and self.close_call():
             # Near break-even a passed probe is worth confirming soon, and deeper (each
@@ -385,12 +386,13 @@ class AdaptiveController:
                 return k
         return 1
 
-    def shadow_interval(self) -> int:
-        """Plain steps per shadow probe, so that the drafter steps they add stay within
-        ``shadow_budget`` of the plain steps' time."""
+    def shadow_interval(self, depth: Optional[int] = None) -> int:
+        """Plain steps per shadow probe of ``depth`` drafts (default ``shadow_depth()``), so
+        that the drafter steps they add stay within ``shadow_budget`` of the plain steps' time."""
         if self.draft_cost is None or self.plain_cost is None:
             return self.min_shadow_interval
-        steps = self.shadow_depth() * self.draft_cost / (self.shadow_budget * self.plain_cost)
+        depth = self.shadow_depth() if depth is None else depth
+        steps = depth * self.draft_cost / (self.shadow_budget * self.plain_cost)
         return int(min(self.max_shadow_interval, max(self.min_shadow_interval, steps)))
 
     def close_call(self) -> bool:
@@ -409,21 +411,23 @@ class AdaptiveController:
         """A shadow probe: ``drafted`` drafts at a plain step, scored against the target's
         tokens as a round would have (greedy: the first ``accepted`` passed; sampling, one
         draft: the probability that speculative sampling accepts it, ``sum(min(p, q))``)."""
-        self._decay(drafted)
-        whole = int(accepted)
-        for i in range(1, min(drafted, whole + 1) + 1):
-            self.trials[i] += 1.0
-            self.hits[i] += 1.0 if i <= whole else accepted - whole
+        self._record(drafted, accepted)
         self.shadow_passed = accepted >= 0.5 * drafted
 
     def observe(self, k: int, accepted: int) -> None:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
         self.rounds += 1
-        self._decay(k)
-        for i in range(1, min(k, accepted + 1) + 1):
-            self.trials[i] += 1.0
-            self.hits[i] += float(i <= accepted)
+        self._record(k, accepted)
         self.k_cap = max(self.k_cap, 2 * accepted)
+
+    def _record(self, k: int, accepted: float) -> None:
+        """Evidence of one round (or shadow probe) that drafted k: the first ``accepted``
+        passed, the next failed; a fractional part is the next draft's chance to pass."""
+        self._decay(k)
+        whole = int(accepted)
+        for i in range(1, min(k, whole + 1) + 1):
+            self.trials[i] += 1.0
+            self.hits[i] += 1.0 if i <= whole else accepted - whole
 
     def _decay(self, k: int) -> None:
         """Age the acceptance evidence by one round that drafted k."""

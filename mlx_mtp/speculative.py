@@ -383,7 +383,7 @@ def _plain_burst(
     scored on the tokens it reached.
     """
     probes = plan.probes if drafter is not None and plan is not None else 0
-    depth = 1 if not sampler.greedy else plan.depth if probes else 0
+    depth = _probe_depth(plan, sampler) if probes else 0
 
     def step(st: RoundState, probe: bool):
         q = _shadow_draft(model, drafter, cache, st, depth, sampler) if probe else None
@@ -423,6 +423,12 @@ def _plain_burst(
             stats.shadow_accepted += accepted
         yield tok, scored
     return state
+
+
+def _probe_depth(plan, sampler) -> int:
+    """Drafts per shadow probe: the plan's when greedy; one when sampling (only the first
+    draft's acceptance probability is known without drawing the drafts)."""
+    return plan.depth if sampler.greedy else 1
 
 
 def _shadow_draft(model, drafter, cache, state: RoundState, depth: int, sampler) -> mx.array:
@@ -482,7 +488,7 @@ def _mtp_steps(
                 yield tok, False
                 if tok in stop_ids or produced >= max_tokens:
                     break
-            drafter_steps = min(ran, plan.probes) * (plan.depth if sampler.greedy else 1)
+            drafter_steps = min(ran, plan.probes) * _probe_depth(plan, sampler)
             controller.observe_plain(ran, time.perf_counter() - tic, drafter_steps)
             if tok in stop_ids or produced >= max_tokens:
                 return
