@@ -22,7 +22,8 @@ the drafts are scored against the tokens the target then produces, as a round
 would have scored them.  A shadow probe costs drafter steps and no verification
 (and no synchronisation: it joins the plain step's lazy graph), so it can run
 every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
-plain steps), and more often near break-even.  A request that follows plain
+plain steps); sooner after probes that pass (at a rate where drafting would pay),
+twice as soon per pass in a row, and deeper near break-even.  A request that follows plain
 decoding starts plain, its first steps shadow-probed; one that follows drafting
 starts at most ``start_k`` deep.
 """
@@ -183,7 +184,7 @@ class AdaptiveController:
         self.rounds = 0
         self.request_start = False  # no choice made yet in this request
         self.starting_plain = False  # this request started plain: its first burst shadow-probes
-        self.shadow_passed = False  # the last shadow probe's draft passed
+        self.shadow_streak = 0  # shadow probes passed in a row
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
 
     # -- estimates --------------------------------------------------------
@@ -362,7 +363,13 @@ class AdaptiveController:
             return PlainBurst(n + depth - 1, n, depth)
         steps = min(self.burst_ramp, self.shadow_interval(depth))
         self.burst_ramp = min(2 * self.burst_ramp, self.max_shadow_interval)
-        if self.shadow_passed and self.close_call():
+        if self.shadow_streak:
+            # Probes that pass come sooner, twice as soon per pass in a row: text the drafter
+            # had missed may have turned easy, and each step spent plain there forgoes most
+            # of a drafting round's gain.  On text it cannot guess, passes in a row are rare,
+            # so the spacing (and the budget) mostly holds.
+            steps = max(self.first_burst, steps >> self.shadow_streak)
+        if self.shadow_streak and self.close_call():
             # Near break-even a passed probe is worth confirming soon, and deeper (each
             # passed draft is one more observation): where drafting pays only at high
             # acceptance several must pass before the estimate says so, and spaced out that
@@ -395,14 +402,33 @@ class AdaptiveController:
         steps = depth * self.draft_cost / (self.shadow_budget * self.plain_cost)
         return int(min(self.max_shadow_interval, max(self.min_shadow_interval, steps)))
 
+    def break_even_acceptance(self) -> float:
+        """The acceptance per draft at which drafting would beat plain steps by the entry
+        margin, were it the same at every position (above 1: drafting cannot pay)."""
+        need = (1 + self.draft_margin) / self.round_time(0)
+        times = [self.round_time(k) for k in range(1, self.k_max + 1)]
+
+        def pays(a: float) -> bool:
+            tokens = [sum(a**i for i in range(k + 1)) for k in range(1, self.k_max + 1)]
+            return any(n / t >= need for n, t in zip(tokens, times))
+
+        if not pays(1.0):
+            return 2.0
+        low, high = 0.0, 1.0
+        for _ in range(12):  # bisection to ~1e-4
+            mid = 0.5 * (low + high)
+            low, high = (low, mid) if pays(mid) else (mid, high)
+        return high
+
     def close_call(self) -> bool:
         """Whether the best drafting k is estimated within ``close_gap`` of plain steps."""
         rates = self.rates()
         return max(rates[1:]) >= (1 - self.close_gap) * rates[0]
 
     def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
-        """Plain steps run (a whole burst, or what ran of it before the request ended), their
-        wall time and the shadow probes' drafter steps among them: the k = 0 option's price."""
+        """Plain steps timed in steady state (token read to token read, the pipeline full),
+        their wall time and the shadow probes' drafter steps among them: the k = 0 option's
+        price."""
         if steps >= 2:
             seconds -= drafter_steps * (self.draft_cost or 0.0)
             self.plain_cost = _ema(self.plain_cost, max(seconds, 1e-9) / steps)
@@ -412,7 +438,11 @@ class AdaptiveController:
         tokens as a round would have (greedy: the first ``accepted`` passed; sampling, one
         draft: the probability that speculative sampling accepts it, ``sum(min(p, q))``)."""
         self._record(drafted, accepted)
-        self.shadow_passed = accepted >= 0.5 * drafted
+        # Passed: its drafts passed at a rate where drafting would pay (sampling: the chance of
+        # acceptance is that high).  Sampled text the drafter half guesses must not shorten
+        # the spacing half the time.
+        passed = accepted >= self.break_even_acceptance() * drafted
+        self.shadow_streak = self.shadow_streak + 1 if passed else 0
 
     def observe(self, k: int, accepted: int) -> None:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""

@@ -367,62 +367,118 @@ def generate_tokens(
         stats.peak_memory_bytes = mx.get_peak_memory()
 
 
-def _plain_burst(
-    model, cache, state: RoundState, sampler, steps: int, stats, drafter=None, plan=None
+class _Burst:
+    """Where a plain run stands in the controller's current burst (``PlainBurst``)."""
+
+    def __init__(self, plan, sampler, drafter):
+        self.left = plan.steps  # steps of the burst not yet queued
+        self.probes = plan.probes if drafter is not None else 0
+        self.depth = _probe_depth(plan, sampler)
+
+    def next_depth(self) -> int:
+        """Drafts the next queued step shadow-probes (0: none); counts the step."""
+        self.left -= 1
+        self.probes -= 1
+        return self.depth if self.probes >= 0 else 0
+
+
+def _plain_run(
+    model, drafter, cache, state: RoundState, sampler, controller, limit, stop_ids, stats
 ):
-    """Up to ``steps`` plain decoding steps, pipelined (the next forward is queued
-    before this token is read).  Yields ``(token, shadows)``; returns the next round's state.
+    """Plain decoding steps for as long as the controller keeps choosing k = 0, at most
+    ``limit`` tokens or up to a stop token.  Yields ``(token, False)``; returns
+    ``(state, k, ran)``: the next round's state, the k the controller chose for it (0: the
+    request is over) and the tokens produced.
 
-    With a drafter and a ``plan`` (``PlainBurst``), the first ``plan.probes`` steps are also
-    shadow probes: the drafter drafts ``plan.depth`` tokens from the step's input state (one
-    when sampling), joining the step's lazy graph (a drafter step per draft, no extra
-    synchronisation), and the drafts are scored against the tokens the target then
-    produces.  ``shadows`` lists the ``(drafted, accepted)`` of the probes scored at this
-    token: greedy, the matching prefix; sampling, ``sum(min(p, q))``, the probability that
-    speculative sampling would accept the draft.  A probe the burst's end cuts short is
-    scored on the tokens it reached.
+    Steps are pipelined: the next forward is queued before this token is read.  The
+    controller plans the run in bursts (``plain_burst``); at a burst's end it is told the
+    plain steps' time and asked again before the burst's last token is read, so a run
+    that stays at k = 0 keeps its pipeline full.
+
+    Shadow probes: the first ``plan.probes`` steps of a burst also draft ``plan.depth``
+    tokens (one when sampling) from the step's input state, in the step's lazy graph (no
+    extra synchronisation), and the drafts are scored against the tokens the target then
+    produces, as a round would score them: greedy, the matching prefix (a probe the run's
+    end cuts short is scored on the tokens it reached); sampling, ``sum(min(p, q))``, the
+    probability that speculative sampling would accept the draft.
     """
-    probes = plan.probes if drafter is not None and plan is not None else 0
-    depth = _probe_depth(plan, sampler) if probes else 0
-
-    def step(st: RoundState, probe: bool):
-        q = _shadow_draft(model, drafter, cache, st, depth, sampler) if probe else None
-        res = model.forward(st.token[None], cache, return_hidden=True)
-        stats.target_forwards += 1
-        stats.record_round(0, 0)
-        logits = res.logits[0, -1]
-        tok = sampler(logits).reshape(1).astype(mx.int32)
-        if probe and not sampler.greedy:
-            q = mx.minimum(sampler.probs(logits), q).sum()  # acceptance probability
-        mx.async_eval(tok, *([q] if probe else []))
-        return RoundState(tok, res.hidden), q
-
+    burst = _Burst(controller.plain_burst(), sampler, drafter)
+    # Plain steps are priced in steady state, the pipeline full: from one token read to the
+    # next.  The first token's wait (its forward was queued only now) is the cost of
+    # switching from a round, which the round's own price already carries.
+    mark = last = None  # when the controller last saw the time; the last token's read
+    timed = spent = 0  # steps and shadow-probe drafter steps since then
     chains: List[List] = []  # greedy probes being scored: [drafts, tokens matched so far]
-    nxt, shadow = step(state, probes > 0)
-    for i in range(steps):
-        state, cur = nxt, shadow
-        if i + 1 < steps:
-            nxt, shadow = step(state, i + 1 < probes)
+    depth = burst.next_depth()
+    pending = _plain_step(model, drafter, cache, state, sampler, depth, stats) + (depth,)
+    k, ran = 0, 0
+    while pending is not None:
+        (state, shadow, depth), pending = pending, None
+        ran += 1
+        if ran < limit:
+            if burst.left == 0:
+                if mark is not None:
+                    controller.observe_plain(timed, last - mark, spent)
+                    mark, timed, spent = last, 0, 0
+                k = controller.choose()
+                if k == 0:
+                    burst = _Burst(controller.plain_burst(), sampler, drafter)
+            if k == 0:
+                d = burst.next_depth()
+                pending = _plain_step(model, drafter, cache, state, sampler, d, stats) + (d,)
         tok = state.token.item()
-        scored = []
-        if cur is not None and not sampler.greedy:
-            scored.append((1, cur.item()))
-        elif cur is not None:
-            chains.append([cur.tolist(), 0])
-        for chain in list(chains):
-            drafts, n = chain
-            if drafts[n] == tok and n + 1 < len(drafts) and i + 1 < steps:
-                chain[1] = n + 1
-                continue
-            chains.remove(chain)
-            passed = n + int(drafts[n] == tok)
-            # Drafted: up to the first miss, or all that could be compared.
-            scored.append((len(drafts) if passed < n + 1 else n + 1, passed))
-        for drafted, accepted in scored:
+        last = time.perf_counter()
+        if mark is None:
+            mark = last
+        else:
+            timed, spent = timed + 1, spent + depth
+        more = pending is not None and tok not in stop_ids  # plain steps follow this token
+        for drafted, accepted in _score_shadows(chains, shadow, tok, more, sampler):
             stats.shadow_probes += 1
             stats.shadow_accepted += accepted
-        yield tok, scored
-    return state
+            controller.observe_shadow(drafted, accepted)
+        yield tok, False
+        if tok in stop_ids:
+            k, pending = 0, None
+    if k == 0:  # the request is over: the steps since the last burst's end
+        controller.observe_plain(timed, last - mark, spent)
+    return state, k, ran
+
+
+def _plain_step(model, drafter, cache, state: RoundState, sampler, depth: int, stats):
+    """Queue one plain step (and, with ``depth`` > 0, its shadow probe); returns the next
+    state and the probe's drafts (greedy) or acceptance probability (sampling), lazily."""
+    q = _shadow_draft(model, drafter, cache, state, depth, sampler) if depth else None
+    res = model.forward(state.token[None], cache, return_hidden=True)
+    stats.target_forwards += 1
+    stats.record_round(0, 0)
+    logits = res.logits[0, -1]
+    tok = sampler(logits).reshape(1).astype(mx.int32)
+    if depth and not sampler.greedy:
+        q = mx.minimum(sampler.probs(logits), q).sum()  # acceptance probability
+    mx.async_eval(tok, *([q] if depth else []))
+    return RoundState(tok, res.hidden), q
+
+
+def _score_shadows(chains: List[List], shadow, tok: int, more: bool, sampler):
+    """Score shadow probes against the token just produced; returns ``(drafted, accepted)``
+    of each probe that is complete.  ``shadow`` is this step's probe (or None); ``more``:
+    whether plain steps follow (else open greedy probes are cut here)."""
+    scored = []
+    if shadow is not None and not sampler.greedy:
+        scored.append((1, shadow.item()))
+    elif shadow is not None:
+        chains.append([shadow.tolist(), 0])
+    for chain in list(chains):
+        drafts, n = chain
+        if drafts[n] == tok and n + 1 < len(drafts) and more:
+            chain[1] = n + 1
+            continue
+        chains.remove(chain)
+        passed = n + int(drafts[n] == tok)
+        # Drafted: up to the first miss, or all that could be compared.
+        scored.append((len(drafts) if passed < n + 1 else n + 1, passed))
+    return scored
 
 
 def _probe_depth(plan, sampler) -> int:
@@ -447,12 +503,12 @@ def _plain_steps(
     """Plain decoding: the prefill's token, then pipelined one-token steps."""
     first = state.token.item()
     yield first, False
-    if first in stop_ids:
+    if first in stop_ids or max_tokens == 1:
         return
-    for tok, _ in _plain_burst(model, cache, state, sampler, max_tokens - 1, stats):
-        yield tok, False
-        if tok in stop_ids:
-            return
+    plain = FixedController(0)  # one burst to the end: no decisions, no shadow probes
+    yield from _plain_run(
+        model, None, cache, state, sampler, plain, max_tokens - 1, stop_ids, stats
+    )
 
 
 def _mtp_steps(
@@ -465,32 +521,18 @@ def _mtp_steps(
     yield first, False
     if first in stop_ids:
         return
-    produced = 1
+    produced, k = 1, None
     while produced < max_tokens:
         remaining = max_tokens - produced
-        k = min(controller.choose(), remaining - 1)
+        # A plain run that ends because drafting pays has already asked the controller.
+        k = min(controller.choose() if k is None else k, remaining - 1)
         if k <= 0:
-            plan = controller.plain_burst()
-            steps = min(plan.steps, remaining)
-            tic = time.perf_counter()
-            burst = _plain_burst(model, cache, state, sampler, steps, stats, drafter, plan)
-            ran = 0
-            while True:
-                try:
-                    tok, shadows = next(burst)
-                except StopIteration as done:
-                    state = done.value
-                    break
-                produced += 1
-                ran += 1
-                for drafted, accepted in shadows:
-                    controller.observe_shadow(drafted, accepted)
-                yield tok, False
-                if tok in stop_ids or produced >= max_tokens:
-                    break
-            drafter_steps = min(ran, plan.probes) * _probe_depth(plan, sampler)
-            controller.observe_plain(ran, time.perf_counter() - tic, drafter_steps)
-            if tok in stop_ids or produced >= max_tokens:
+            run = _plain_run(
+                model, drafter, cache, state, sampler, controller, remaining, stop_ids, stats
+            )
+            state, k, ran = yield from run
+            produced += ran
+            if k == 0:
                 return
             continue
         timing = RoundTiming() if controller.wants_timing() else None
@@ -514,3 +556,4 @@ def _mtp_steps(
             stats.target_time += timing.verify
             stats.timed_draft_steps += k
             stats.timed_target_forwards += 1
+        k = None

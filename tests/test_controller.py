@@ -295,14 +295,34 @@ def test_passed_shadow_probes_near_break_even_are_confirmed_soon():
             steps = _plain_steps_until_drafting(ctrl, verify)[0]
             soon, spaced = (soon + steps, spaced) if close_gap > 0 else (soon, spaced + steps)
     assert soon <= 0.75 * spaced, (soon, spaced)
-    # After text the drafter could not guess, one passed probe does not shorten the bursts.
+    # After text the drafter could not guess, a passed probe brings the next one sooner (half
+    # the spacing), not deeper and not at once; a failed one restores the spacing.
     ctrl = AdaptiveController(k_max=8)
     simulate(ctrl, 150, 0.0, verify, 2.0, random.Random(0))
     assert ctrl.choose() == 0
     depth = ctrl.plain_burst().depth
     ctrl.observe_shadow(depth, float(depth))
     assert ctrl.choose() == 0
+    burst = ctrl.plain_burst()
+    assert burst.steps == ctrl.shadow_interval() // 2 > ctrl.first_burst and burst.depth == depth
+    ctrl.observe_shadow(depth, 0.0)
+    assert ctrl.choose() == 0
     assert ctrl.plain_burst().steps == ctrl.shadow_interval() > ctrl.first_burst
+
+
+@pytest.mark.parametrize("before", [0.0, 0.3])
+def test_shadow_probes_that_pass_in_a_row_come_sooner(before):
+    """After text the drafter could not guess, it turns easy (every draft passes): each
+    passed probe halves the spacing to the next, so the many passes the estimate needs
+    come within a few short bursts, not one probe per budget interval."""
+    verify = lambda m: 10.0 + 3.0 * (m - 1)  # noqa: E731
+    ctrl = AdaptiveController(k_max=8)
+    simulate(ctrl, 150, before, verify, 2.0, random.Random(1))
+    assert ctrl.choose() == 0
+    interval = ctrl.shadow_interval()
+    assert interval >= 4 * ctrl.first_burst
+    steps, bursts = _plain_steps_until_drafting(ctrl, verify)
+    assert bursts >= 3 and steps <= 2 * ctrl.first_burst * bursts, (steps, bursts, interval)
 
 
 def _drafted_share(ctrl, hits, verify, draft_cost):
@@ -383,23 +403,27 @@ def test_short_requests_still_probe():
     assert all(len(ks) >= 3 for ks in drafted[-20:]), [len(ks) for ks in drafted]
 
 
-def test_generation_reports_plain_steps_of_a_burst_the_request_cut_short():
-    """The decoding loop tells the controller how many steps of a plain burst ran, also when
-    the request ends inside the burst (its plain-step price must not count unrun steps)."""
+@pytest.mark.parametrize("burst, timed", [(1000, [28]), (10, [8, 10, 10])])
+def test_generation_reports_plain_steps_at_each_burst_end(burst, timed):
+    """The decoding loop tells the controller how many plain steps it timed at each burst's
+    end and at the request's, also when the request ends inside a burst (the plain-step
+    price must not count unrun steps).  The first token comes from the prefill; the first
+    plain step's wait (the pipeline filling) is not a steady-state step."""
 
     class PlainOnly(AdaptiveController):
         def choose(self) -> int:
+            self.asked += 1
             return 0
 
         def plain_burst(self):
-            return PlainBurst(1000)  # a burst planned far past the request's end
+            return PlainBurst(burst)
 
         def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
             self.ran.append(steps)
 
     model, drafter = make_pair(seed=0, window=8)
     ctrl = PlainOnly()
-    ctrl.ran = []
+    ctrl.ran, ctrl.asked = [], 0
     out = list(
         generate_tokens(
             model,
@@ -411,4 +435,5 @@ def test_generation_reports_plain_steps_of_a_burst_the_request_cut_short():
         )
     )
     assert len(out) == 30
-    assert ctrl.ran == [29]  # the first token comes from the prefill
+    assert ctrl.ran == timed
+    assert ctrl.asked == len(timed)  # once at the start, then at each burst's end

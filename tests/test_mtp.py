@@ -265,14 +265,27 @@ def test_greedy_step_equals_argmax_of_draft_logits(centroids):
 
 
 class _ShadowEveryStep(FixedController):
-    """k = 0 throughout, every plain step a shadow probe of ``depth`` drafts; records them."""
+    """Plain bursts in which every step is a shadow probe of ``depth`` drafts; with
+    ``round_k`` a round of that many drafts follows each burst, else the plain steps run on.
+    Records the probes and which output indices plain steps produced."""
 
-    def __init__(self, burst: int, depth: int):
+    def __init__(self, burst: int, depth: int, round_k: int = 0):
         super().__init__(0)
-        self.burst, self.depth, self.seen = burst, depth, []
+        self.burst, self.depth, self.round_k, self.seen = burst, depth, round_k, []
+        self.pos, self.plain_at, self.plain_next = 1, set(), True  # out[0]: the prefill's
+
+    def choose(self):
+        k = 0 if self.plain_next else self.round_k
+        self.plain_next = not self.plain_next or not self.round_k
+        return k
 
     def plain_burst(self):
+        self.plain_at.update(range(self.pos, self.pos + self.burst))
+        self.pos += self.burst
         return PlainBurst(self.burst, self.burst, self.depth)
+
+    def observe(self, k, accepted):
+        self.pos += accepted + 1
 
     def observe_shadow(self, drafted, accepted):
         self.seen.append((drafted, accepted))
@@ -286,17 +299,20 @@ def _state_after(model, ids):
     return cache, RoundState(mx.array([ids[-1]], dtype=mx.int32), hidden)
 
 
-def _expected_shadows(model, drafter, prompt, out, burst, depth, sampler):
-    """What each shadow probe must report, from scratch: at every plain step, the drafter's
-    drafts from that step's state against the tokens the target produced next (cut at the
-    burst's end); sampling, sum(min(p, q)) for the step's own token distribution."""
+def _expected_shadows(model, drafter, prompt, out, plain_at, depth, sampler):
+    """What each shadow probe must report, from scratch: at every plain step (``out[j]``
+    for j in ``plain_at``), the drafter's drafts from that step's state against the tokens
+    plain steps produced next (cut where a round or the request's end follows); sampling,
+    sum(min(p, q)) for the step's own token distribution."""
     expected = []
-    for j in range(1, len(out)):  # out[j] is produced by the plain step whose input is out[j-1]
+    for j in sorted(i for i in plain_at if i < len(out)):
         cache, state = _state_after(model, prompt + out[:j])
         kv, pos = drafter_kv(model, cache), cache[0].offset
         if sampler.greedy:
             drafts = draft(model, drafter, state, kv, pos, depth, sampler)[0].tolist()
-            avail = min(depth, burst - (j - 1) % burst, len(out) - j)
+            avail = 1
+            while avail < depth and j + avail in plain_at and j + avail < len(out):
+                avail += 1
             n = 0
             while n < avail and drafts[n] == out[j + n]:
                 n += 1
@@ -310,14 +326,15 @@ def _expected_shadows(model, drafter, prompt, out, burst, depth, sampler):
 
 
 @needs_shared
-def test_shadow_probes_score_drafts_as_a_round_would(shared_pair):
-    """Greedy shadow probes (3 drafts, one per step, overlapping, cut at each 5-step burst's
-    end) report exactly the accepted prefix a round from that state would, and leave the
-    output equal to plain decoding."""
+@pytest.mark.parametrize("round_k", [0, 2])
+def test_shadow_probes_score_drafts_as_a_round_would(shared_pair, round_k):
+    """Greedy shadow probes (3 drafts, one per step, overlapping) report exactly the accepted
+    prefix a round from that state would, scored across 5-step bursts while plain steps run
+    on and cut where a round follows, and leave the output equal to plain decoding."""
     model, drafter, tok = shared_pair
     prompt = tok.encode(CODE_PROMPT)
     plain, _, _ = run(model, prompt, 24)
-    ctrl = _ShadowEveryStep(burst=5, depth=3)
+    ctrl = _ShadowEveryStep(burst=5, depth=3, round_k=round_k)
     stats = GenerationStats()
     out = [
         t
@@ -327,9 +344,12 @@ def test_shadow_probes_score_drafts_as_a_round_would(shared_pair):
         )
     ]
     assert out == plain
-    expected = _expected_shadows(model, drafter, prompt, out, 5, 3, Sampler())
-    assert sorted(ctrl.seen) == sorted(expected) and len(expected) == 23
+    expected = _expected_shadows(model, drafter, prompt, out, ctrl.plain_at, 3, Sampler())
+    assert sorted(ctrl.seen) == sorted(expected)
+    assert len(expected) == (23 if round_k == 0 else len(ctrl.plain_at & set(range(24))))
     assert {a for _, a in ctrl.seen} >= {0, 3}  # both passing and failing drafts were seen
+    if round_k:  # probes were cut by the rounds: some were scored on fewer than 3 tokens
+        assert any(d < 3 for d, _ in ctrl.seen) and len(expected) < 20
     assert stats.shadow_probes == len(ctrl.seen)
 
 
@@ -346,7 +366,7 @@ def test_sampled_shadow_probes_report_the_acceptance_probability(shared_pair):
             model, prompt, max_tokens=12, sampler=sampler, draft_model=drafter, controller=ctrl
         )
     ]
-    expected = _expected_shadows(model, drafter, prompt, out, 4, 1, sampler)
+    expected = _expected_shadows(model, drafter, prompt, out, ctrl.plain_at, 1, sampler)
     assert [d for d, _ in ctrl.seen] == [1] * len(ctrl.seen) and len(ctrl.seen) == len(out) - 1
     np.testing.assert_allclose([a for _, a in ctrl.seen], [a for _, a in expected], atol=1e-5)
     assert 0.0 < sum(a for _, a in ctrl.seen) < len(ctrl.seen)
