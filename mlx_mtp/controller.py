@@ -22,8 +22,9 @@ the drafts are scored against the tokens the target then produces, as a round
 would have scored them.  A shadow probe costs drafter steps and no verification
 (and no synchronisation: it joins the plain step's lazy graph), so it can run
 every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
-plain steps); sooner after probes that pass (at a rate where drafting would pay),
-twice as soon per pass in a row, and deeper near break-even.  A request that follows plain
+plain steps); sooner while the probes pass more often than the estimate expects (by
+the likelihood ratio of acceptance at break-even against the estimate), and deeper
+near break-even.  A request that follows plain
 decoding starts plain, its first steps shadow-probed; one that follows drafting
 starts at most ``start_k`` deep.
 """
@@ -142,6 +143,9 @@ class AdaptiveController:
         max_round_weight: int = 10,
         close_gap: float = 0.05,
         confirm_depth: int = 3,
+        confirm_odds: float = 1.5,
+        max_shadow_odds: float = 16.0,
+        min_shadow_odds: float = 0.5,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -153,6 +157,9 @@ class AdaptiveController:
         self.start_shadows = start_shadows
         self.close_gap = close_gap
         self.confirm_depth = confirm_depth
+        self.confirm_odds = confirm_odds
+        self.max_shadow_odds = max_shadow_odds
+        self.min_shadow_odds = min_shadow_odds
         self.start_k = start_k
         self.draft_margin = draft_margin
         self.exit_margin = exit_margin
@@ -184,7 +191,7 @@ class AdaptiveController:
         self.rounds = 0
         self.request_start = False  # no choice made yet in this request
         self.starting_plain = False  # this request started plain: its first burst shadow-probes
-        self.shadow_streak = 0  # shadow probes passed in a row
+        self.shadow_odds = 1.0  # evidence from shadow probes that acceptance is above the estimate
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
 
     # -- estimates --------------------------------------------------------
@@ -363,18 +370,18 @@ class AdaptiveController:
             return PlainBurst(n + depth - 1, n, depth)
         steps = min(self.burst_ramp, self.shadow_interval(depth))
         self.burst_ramp = min(2 * self.burst_ramp, self.max_shadow_interval)
-        if self.shadow_streak:
-            # Probes that pass come sooner, twice as soon per pass in a row: text the drafter
-            # had missed may have turned easy, and each step spent plain there forgoes most
-            # of a drafting round's gain.  On text it cannot guess, passes in a row are rare,
-            # so the spacing (and the budget) mostly holds.
-            steps = max(self.first_burst, steps >> self.shadow_streak)
-        if self.shadow_streak and self.close_call():
-            # Near break-even a passed probe is worth confirming soon, and deeper (each
+        if self.shadow_odds > 1.0:
+            # Probes passed more often than the estimate expects, as if acceptance were at
+            # break-even: text the drafter had missed may have turned easy, and each step
+            # spent plain there forgoes most of a drafting round's gain, so the next probe
+            # comes that many times sooner.  Where the estimate is right, passes and
+            # failures balance, and the budget holds on average.
+            steps = max(self.first_burst, int(steps / self.shadow_odds))
+        if self.shadow_odds >= self.confirm_odds and self.close_call():
+            # Near break-even such evidence is worth confirming soon, and deeper (each
             # passed draft is one more observation): where drafting pays only at high
             # acceptance several must pass before the estimate says so, and spaced out that
-            # took most of a request.  Far from it (text the drafter cannot guess) a lucky
-            # draft changes nothing, and the spacing stays.
+            # took most of a request.
             steps, depth = min(steps, self.first_burst), max(depth, self.confirm_depth)
         return PlainBurst(max(steps, depth), 1, depth)
 
@@ -409,8 +416,13 @@ class AdaptiveController:
         times = [self.round_time(k) for k in range(1, self.k_max + 1)]
 
         def pays(a: float) -> bool:
-            tokens = [sum(a**i for i in range(k + 1)) for k in range(1, self.k_max + 1)]
-            return any(n / t >= need for n, t in zip(tokens, times))
+            tokens, run = 1.0, 1.0
+            for t in times:  # k = 1, 2, ...: expected tokens 1 + a + ... + a^k
+                run *= a
+                tokens += run
+                if tokens / t >= need:
+                    return True
+            return False
 
         if not pays(1.0):
             return 2.0
@@ -437,12 +449,36 @@ class AdaptiveController:
         """A shadow probe: ``drafted`` drafts at a plain step, scored against the target's
         tokens as a round would have (greedy: the first ``accepted`` passed; sampling, one
         draft: the probability that speculative sampling accepts it, ``sum(min(p, q))``)."""
+        self._weigh_shadow(drafted, accepted)
         self._record(drafted, accepted)
-        # Passed: its drafts passed at a rate where drafting would pay (sampling: the chance of
-        # acceptance is that high).  Sampled text the drafter half guesses must not shorten
-        # the spacing half the time.
-        passed = accepted >= self.break_even_acceptance() * drafted
-        self.shadow_streak = self.shadow_streak + 1 if passed else 0
+
+    def _weigh_shadow(self, drafted: int, accepted: float) -> None:
+        """Update ``shadow_odds``: how much likelier the recent shadow probes are if
+        acceptance were clearly above break-even (halfway to 1) than at the estimate (a
+        likelihood ratio over the compared draft positions whose estimate is below
+        break-even).  Where the estimate
+        is right the ratio does not grow on average, however often drafts pass; where text
+        the drafter missed has turned easy, it grows with every pass."""
+        be = self.break_even_acceptance()
+        if be >= 1.0:
+            self.shadow_odds = self.min_shadow_odds  # drafting cannot pay: no evidence can help
+            return
+        easy = 0.5 * (1.0 + be)  # the alternative: acceptance where drafting clearly pays
+        ratio = 1.0
+        for i, a in enumerate(self.acceptance()[:drafted]):
+            if a >= be:
+                break  # the estimate is already there
+            x = min(1.0, accepted - i)  # draft i+1 passed (sampling: its chance to)
+            ratio *= (easy / a) ** x * ((1 - easy) / (1 - a)) ** (1 - x)
+            if x < 1.0:
+                break  # later drafts were not compared
+        # Bounded both ways: above, a long run of passes must not make every step a probe;
+        # below, only a little, so evidence against the estimate soon counts again (at 1,
+        # a boundary the ratio could not go below, it would drift up where the estimate is
+        # right but passes are common).
+        self.shadow_odds = min(
+            self.max_shadow_odds, max(self.min_shadow_odds, self.shadow_odds * ratio)
+        )
 
     def observe(self, k: int, accepted: int) -> None:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""

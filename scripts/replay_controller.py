@@ -147,7 +147,8 @@ def replay_request(
             plan = ctrl.plain_burst()
             steps = min(plan.steps, remaining)
             probes, depth = min(plan.probes, steps), plan.depth if trace is not None else 1
-            for s in range(probes):  # shadow probes, scored as _plain_burst scores them
+            for s in range(probes):  # shadow probes (cut at the burst end; _plain_run cuts them
+                # only where a round or the request end follows)
                 if trace is None:
                     ctrl.observe_shadow(1, accept[0])  # the expected acceptance, as sum(min(p, q))
                     continue

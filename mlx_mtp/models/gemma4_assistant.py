@@ -11,7 +11,7 @@ output afterwards) and returns draft logits and the next hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
