@@ -23,10 +23,9 @@ would have scored them.  A shadow probe costs drafter steps and no verification
 (and no synchronisation: it joins the plain step's lazy graph), so it can run
 every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
 plain steps); sooner while the probes pass more often than the estimate expects (by
-the likelihood ratio of acceptance at break-even against the estimate), and deeper
-near break-even.  A request that follows plain
-decoding starts plain, its first steps shadow-probed; one that follows drafting
-starts at most ``start_k`` deep.
+the likelihood ratio of acceptance above break-even against the estimate).  A
+request that follows plain decoding starts plain, its first steps shadow-probed; one
+that follows drafting starts at most ``start_k`` deep.
 """
 
 from __future__ import annotations
@@ -141,9 +140,6 @@ class AdaptiveController:
         stale_decay: float = 0.85,
         line_weight: float = 2.0,
         max_round_weight: int = 10,
-        close_gap: float = 0.05,
-        confirm_depth: int = 3,
-        confirm_odds: float = 1.5,
         max_shadow_odds: float = 16.0,
         min_shadow_odds: float = 0.5,
     ):
@@ -155,9 +151,6 @@ class AdaptiveController:
         self.min_shadow_interval = min_shadow_interval
         self.max_shadow_interval = max_shadow_interval
         self.start_shadows = start_shadows
-        self.close_gap = close_gap
-        self.confirm_depth = confirm_depth
-        self.confirm_odds = confirm_odds
         self.max_shadow_odds = max_shadow_odds
         self.min_shadow_odds = min_shadow_odds
         self.start_k = start_k
@@ -377,12 +370,6 @@ class AdaptiveController:
             # comes that many times sooner.  Where the estimate is right, passes and
             # failures balance, and the budget holds on average.
             steps = max(self.first_burst, int(steps / self.shadow_odds))
-        if self.shadow_odds >= self.confirm_odds and self.close_call():
-            # Near break-even such evidence is worth confirming soon, and deeper (each
-            # passed draft is one more observation): where drafting pays only at high
-            # acceptance several must pass before the estimate says so, and spaced out that
-            # took most of a request.
-            steps, depth = min(steps, self.first_burst), max(depth, self.confirm_depth)
         return PlainBurst(max(steps, depth), 1, depth)
 
     def shadow_depth(self) -> int:
@@ -431,11 +418,6 @@ class AdaptiveController:
             mid = 0.5 * (low + high)
             low, high = (low, mid) if pays(mid) else (mid, high)
         return high
-
-    def close_call(self) -> bool:
-        """Whether the best drafting k is estimated within ``close_gap`` of plain steps."""
-        rates = self.rates()
-        return max(rates[1:]) >= (1 - self.close_gap) * rates[0]
 
     def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
         """Plain steps timed in steady state (token read to token read, the pipeline full),
