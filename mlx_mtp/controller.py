@@ -364,7 +364,7 @@ class AdaptiveController:
         steps = min(self.burst_ramp, self.shadow_interval(depth))
         self.burst_ramp = min(2 * self.burst_ramp, self.max_shadow_interval)
         if self.shadow_odds > 1.0:
-            # Probes passed more often than the estimate expects, as if acceptance were at
+            # Probes passed more often than the estimate expects, as if acceptance were above
             # break-even: text the drafter had missed may have turned easy, and each step
             # spent plain there forgoes most of a drafting round's gain, so the next probe
             # comes that many times sooner.  Where the estimate is right, passes and
@@ -438,9 +438,9 @@ class AdaptiveController:
         """Update ``shadow_odds``: how much likelier the recent shadow probes are if
         acceptance were clearly above break-even (halfway to 1) than at the estimate (a
         likelihood ratio over the compared draft positions whose estimate is below
-        break-even).  Where the estimate
-        is right the ratio does not grow on average, however often drafts pass; where text
-        the drafter missed has turned easy, it grows with every pass."""
+        break-even).  Where the estimate is right the ratio does not grow on average,
+        however often drafts pass; where text the drafter missed has turned easy, it grows
+        with every pass."""
         be = self.break_even_acceptance()
         if be >= 1.0:
             self.shadow_odds = self.min_shadow_odds  # drafting cannot pay: no evidence can help
