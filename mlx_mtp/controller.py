@@ -381,11 +381,7 @@ class AdaptiveController:
         two steps (4-bit weights on a CPU) only deep rounds can pay, and only evidence
         that deep drafts pass can show it.
         """
-        need = (1 + self.draft_margin) / self.round_time(0)
-        for k in range(1, self.k_max + 1):
-            if (k + 1) / self.round_time(k) >= need:
-                return k
-        return 1
+        return self._fewest_paying_k(1.0, self._round_times()) or 1
 
     def shadow_interval(self, depth: Optional[int] = None) -> int:
         """Plain steps per shadow probe of ``depth`` drafts (default ``shadow_depth()``), so
@@ -399,25 +395,31 @@ class AdaptiveController:
     def break_even_acceptance(self) -> float:
         """The acceptance per draft at which drafting would beat plain steps by the entry
         margin, were it the same at every position (above 1: drafting cannot pay)."""
-        need = (1 + self.draft_margin) / self.round_time(0)
-        times = [self.round_time(k) for k in range(1, self.k_max + 1)]
-
-        def pays(a: float) -> bool:
-            tokens, run = 1.0, 1.0
-            for t in times:  # k = 1, 2, ...: expected tokens 1 + a + ... + a^k
-                run *= a
-                tokens += run
-                if tokens / t >= need:
-                    return True
-            return False
-
-        if not pays(1.0):
+        times = self._round_times()
+        if self._fewest_paying_k(1.0, times) is None:
             return 2.0
         low, high = 0.0, 1.0
         for _ in range(12):  # bisection to ~1e-4
             mid = 0.5 * (low + high)
-            low, high = (low, mid) if pays(mid) else (mid, high)
+            low, high = (low, mid) if self._fewest_paying_k(mid, times) else (mid, high)
         return high
+
+    def _round_times(self) -> List[float]:
+        """``round_time(k)`` for k = 0..k_max."""
+        return [self.round_time(k) for k in range(self.k_max + 1)]
+
+    def _fewest_paying_k(self, a: float, times: List[float]) -> Optional[int]:
+        """The fewest drafts whose round beats plain steps by the entry margin when each
+        draft passes with probability ``a`` (expected tokens ``1 + a + ... + a^k``), or None;
+        ``times``: ``_round_times()``."""
+        need = (1 + self.draft_margin) / times[0]
+        tokens, run = 1.0, 1.0
+        for k in range(1, self.k_max + 1):
+            run *= a
+            tokens += run
+            if tokens / times[k] >= need:
+                return k
+        return None
 
     def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
         """Plain steps timed in steady state (token read to token read, the pipeline full),
