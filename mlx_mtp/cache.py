@@ -42,10 +42,14 @@ class KVCache:
         self.offset -= n
         return n
 
-    def committed(self, max_entries: Optional[int] = None) -> Tuple[mx.array, mx.array]:
-        """The most recent ``max_entries`` (default all) entries, oldest first."""
-        start = 0 if max_entries is None else max(0, self.offset - max_entries)
-        return self.keys[..., start : self.offset, :], self.values[..., start : self.offset, :]
+    def committed(
+        self, max_entries: Optional[int] = None, skip: int = 0
+    ) -> Tuple[mx.array, mx.array]:
+        """The most recent ``max_entries`` (default all) entries before the last ``skip``,
+        oldest first."""
+        end = self.offset - skip
+        start = 0 if max_entries is None else max(0, end - max_entries)
+        return self.keys[..., start:end, :], self.values[..., start:end, :]
 
     @property
     def state(self) -> Tuple[mx.array, mx.array]:
@@ -107,11 +111,15 @@ class SlidingKVCache:
         self.offset -= n
         return n
 
-    def committed(self, max_entries: Optional[int] = None) -> Tuple[mx.array, mx.array]:
-        """The most recent ``max_entries`` (default: a window) entries, oldest first."""
+    def committed(
+        self, max_entries: Optional[int] = None, skip: int = 0
+    ) -> Tuple[mx.array, mx.array]:
+        """The most recent ``max_entries`` (default: a window) entries before the last
+        ``skip``, oldest first."""
         want = self.window if max_entries is None else max_entries
-        start = max(0, self.length - want)
-        return self.keys[..., start : self.length, :], self.values[..., start : self.length, :]
+        end = self.length - skip
+        start = max(0, end - want)
+        return self.keys[..., start:end, :], self.values[..., start:end, :]
 
     @property
     def state(self) -> Tuple[mx.array, mx.array]:

@@ -166,14 +166,17 @@ def _vocab_of(tokenizer) -> Dict[str, int]:
     return inner.get_vocab() if hasattr(inner, "get_vocab") else {}
 
 
-def drafter_kv(target: Model, cache: list) -> Dict[str, Tuple[mx.array, mx.array]]:
-    """The producers' committed K/V, read in place from the target cache (no copy).
+def drafter_kv(
+    target: Model, cache: list, skip: int = 0
+) -> Dict[str, Tuple[mx.array, mx.array]]:
+    """The producers' committed K/V before the last ``skip`` entries, read in place from
+    the target cache (no copy).
 
     Sliding layers hand out their last ``W + 1`` entries, the most HF's drafter sees.
     """
     cfg = target.args
     return {
-        lt: cache[i].committed(cfg.sliding_window + 1 if lt == SLIDING else None)
+        lt: cache[i].committed(cfg.sliding_window + 1 if lt == SLIDING else None, skip)
         for lt, i in cfg.producers.items()
     }
 
@@ -448,8 +451,8 @@ def _plain_run(
 def _plain_step(model, drafter, cache, state: RoundState, sampler, depth: int, stats):
     """Queue one plain step (and, with ``depth`` > 0, its shadow probe); returns the next
     state and the probe's drafts (greedy) or acceptance probability (sampling), lazily."""
-    q = _shadow_draft(model, drafter, cache, state, depth, sampler) if depth else None
     res = model.forward(state.token[None], cache, return_hidden=True)
+    q = _shadow_draft(model, drafter, cache, state, depth, sampler) if depth else None
     stats.target_forwards += 1
     stats.record_round(0, 0)
     logits = res.logits[0, -1]
@@ -490,7 +493,7 @@ def _probe_depth(plan, sampler) -> int:
 def _shadow_draft(model, drafter, cache, state: RoundState, depth: int, sampler) -> mx.array:
     """A shadow probe's drafts from ``state`` (greedy: ``depth`` ids) or, sampling, the
     drafter's distribution for the next token; from the cache before ``state.token`` is added."""
-    kv, position = drafter_kv(model, cache), cache[0].offset
+    kv, position = drafter_kv(model, cache, skip=1), cache[0].offset - 1
     if sampler.greedy:
         return draft(model, drafter, state, kv, position, depth, sampler)[0]
     logits, _ = drafter.draft_step(model.embed(state.token[None]), state.hidden, kv, position)
