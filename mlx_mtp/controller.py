@@ -142,6 +142,8 @@ class AdaptiveController:
         max_round_weight: int = 10,
         max_shadow_odds: float = 16.0,
         min_shadow_odds: float = 0.5,
+        full_value_gain: float = 0.25,
+        min_probe_value: float = 0.125,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -153,6 +155,8 @@ class AdaptiveController:
         self.start_shadows = start_shadows
         self.max_shadow_odds = max_shadow_odds
         self.min_shadow_odds = min_shadow_odds
+        self.full_value_gain = full_value_gain
+        self.min_probe_value = min_probe_value
         self.start_k = start_k
         self.draft_margin = draft_margin
         self.exit_margin = exit_margin
@@ -196,11 +200,15 @@ class AdaptiveController:
         a little lower: acceptance falls with the position, and rarely tried deep
         positions must not be guessed from one or two rounds.
         """
+        return self._acceptance(self.trials, self.hits)
+
+    def _acceptance(self, trials: List[float], hits: List[float]) -> List[float]:
+        """``acceptance()`` from the given evidence (index i = draft position)."""
         w = self.prior_weight
-        prev = (sum(self.hits) + w * self.prior_acceptance) / (sum(self.trials) + w)
+        prev = (sum(hits) + w * self.prior_acceptance) / (sum(trials) + w)
         out = []
         for i in range(1, self.k_max + 1):
-            prev = (self.hits[i] + w * prev) / (self.trials[i] + w)
+            prev = (hits[i] + w * prev) / (trials[i] + w)
             out.append(prev)
             prev *= self.position_decline
         return out
@@ -360,9 +368,11 @@ class AdaptiveController:
         if self.starting_plain:
             self.starting_plain = False
             n = self.start_shadows
-            return PlainBurst(n + depth - 1, n, depth)
-        steps = min(self.burst_ramp, self.shadow_interval(depth))
-        self.burst_ramp = min(2 * self.burst_ramp, self.max_shadow_interval)
+            if self._passes_could_pay(n, depth):
+                return PlainBurst(n + depth - 1, n, depth)
+        interval = self.shadow_interval(depth)
+        steps = min(self.burst_ramp, interval)
+        self.burst_ramp = min(2 * self.burst_ramp, max(interval, self.max_shadow_interval))
         if self.shadow_odds > 1.0:
             # Probes passed more often than the estimate expects, as if acceptance were above
             # break-even: text the drafter had missed may have turned easy, and each step
@@ -385,12 +395,48 @@ class AdaptiveController:
 
     def shadow_interval(self, depth: Optional[int] = None) -> int:
         """Plain steps per shadow probe of ``depth`` drafts (default ``shadow_depth()``), so
-        that the drafter steps they add stay within ``shadow_budget`` of the plain steps' time."""
+        that the drafter steps they add stay within ``shadow_budget`` of the plain steps' time,
+        scaled by ``probe_value()`` (as are the most steps between probes)."""
         if self.draft_cost is None or self.plain_cost is None:
             return self.min_shadow_interval
         depth = self.shadow_depth() if depth is None else depth
-        steps = depth * self.draft_cost / (self.shadow_budget * self.plain_cost)
-        return int(min(self.max_shadow_interval, max(self.min_shadow_interval, steps)))
+        value = self.probe_value()
+        steps = depth * self.draft_cost / (value * self.shadow_budget * self.plain_cost)
+        return int(min(self.max_shadow_interval / value, max(self.min_shadow_interval, steps)))
+
+    def probe_value(self) -> float:
+        """What shadow probes can find, from ``min_probe_value`` to 1: the speed-up over plain
+        steps that drafting would bring where it clearly pays (acceptance halfway between
+        break-even and 1), relative to ``full_value_gain``.
+
+        Where verifying costs almost a plain step per token (4-bit weights on a CPU), even
+        text the drafter guesses well gains a few percent, while each probe costs its
+        drafter steps on every text: a probe budget sized for a gain of 30% would cost
+        more than drafting could ever win back.
+        """
+        times = self._round_times()
+        be = self.break_even_acceptance()
+        if be >= 1.0:
+            return self.min_probe_value
+        a = 0.5 * (1.0 + be)
+        gain = max(_flat_tokens(a, k) / times[k] for k in range(1, self.k_max + 1)) * times[0]
+        return min(1.0, max(self.min_probe_value, (gain - 1.0) / self.full_value_gain))
+
+    def _passes_could_pay(self, n: int, depth: int) -> bool:
+        """Would drafting pay (by the entry margin) if ``n`` more probes of ``depth`` drafts
+        all passed?  If not, probing a request's first steps cannot change its start."""
+        trials, hits = list(self.trials), list(self.hits)
+        for i in range(1, depth + 1):
+            trials[i] += n
+            hits[i] += n
+        tokens, run, times = 1.0, 1.0, self._round_times()
+        need = (1 + self.draft_margin) / times[0]
+        for k, a in enumerate(self._acceptance(trials, hits), start=1):
+            run *= a
+            tokens += run
+            if tokens / times[k] >= need:
+                return True
+        return False
 
     def break_even_acceptance(self) -> float:
         """The acceptance per draft at which drafting would beat plain steps by the entry
@@ -518,6 +564,11 @@ class AdaptiveController:
         r = self.rounds
         calibrating = r - self.warmup_rounds < len(self.CALIBRATION)
         return r >= self.warmup_rounds and (calibrating or r % self.timing_every == 0)
+
+
+def _flat_tokens(a: float, k: int) -> float:
+    """Expected tokens of a round of k drafts that each pass with probability a."""
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
 def _argmax(rates: List[float], low: int = 0) -> int:

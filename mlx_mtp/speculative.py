@@ -166,9 +166,7 @@ def _vocab_of(tokenizer) -> Dict[str, int]:
     return inner.get_vocab() if hasattr(inner, "get_vocab") else {}
 
 
-def drafter_kv(
-    target: Model, cache: list, skip: int = 0
-) -> Dict[str, Tuple[mx.array, mx.array]]:
+def drafter_kv(target: Model, cache: list, skip: int = 0) -> Dict[str, Tuple[mx.array, mx.array]]:
     """The producers' committed K/V before the last ``skip`` entries, read in place from
     the target cache (no copy).
 

@@ -91,22 +91,43 @@ def test_plain_bursts_keep_shadow_probing_within_budget():
     """At k = 0 every burst shadow-probes, as rarely as keeps the drafter steps near 1%."""
     ctrl = AdaptiveController()
     rng = random.Random(3)
-    simulate(ctrl, 50, 0.0, lambda m: 10.0 * m, 2.0, rng)
+    verify = lambda m: 10.0 + 0.5 * (m - 1)  # noqa: E731  (drafting would pay, were drafts good)
+    simulate(ctrl, 50, 0.0, verify, 2.0, rng)
     steps = shadows = 0
     for _ in range(200):
         assert ctrl.choose() == 0
-        s, p = plain(ctrl, lambda: False, lambda m: 10.0 * m, 2.0)
+        s, p = plain(ctrl, lambda: False, verify, 2.0)
         steps, shadows = steps + s, shadows + p
     assert shadows >= 100  # it never stops checking
     # A drafter step costs 0.2 plain steps: one shadow probe per 20 steps is 1%.
+    assert ctrl.probe_value() == 1.0
     assert ctrl.shadow_interval() == 20
     assert shadows * 2.0 <= 0.012 * steps * 10.0
     # The plain steps' price leaves the shadow probes' drafter time out.
     assert ctrl.round_time(0) == pytest.approx(10.0)
     # A drafter much cheaper than a step probes more often, but not at every step.
     ctrl = AdaptiveController()
-    simulate(ctrl, 100, 0.0, lambda m: 10.0 * m, 0.02, random.Random(3))
+    simulate(ctrl, 100, 0.0, verify, 0.02, random.Random(3))
     assert ctrl.shadow_interval() == ctrl.min_shadow_interval
+
+
+@pytest.mark.parametrize("per_token, value", [(0.5, 1.0), (6.0, 0.4), (10.0, 0.125)])
+def test_probes_are_rarer_where_drafting_can_gain_little(per_token, value):
+    """Verifying m tokens costs ``10 + per_token * (m - 1)``: the dearer, the less even good
+    drafts gain over plain steps, and the less of the plain steps' time shadow probes may
+    spend looking for them (at 10 per token drafting cannot pay at all)."""
+    verify = lambda m: 10.0 + per_token * (m - 1)  # noqa: E731
+    ctrl = AdaptiveController()
+    simulate(ctrl, 150, 0.0, verify, 2.0, random.Random(8))
+    assert ctrl.probe_value() == pytest.approx(value, abs=0.1)
+    steps = drafter_steps = 0
+    for _ in range(400):
+        assert ctrl.choose() == 0
+        s, p, depth = plain(ctrl, lambda: False, verify, 2.0, with_depth=True)
+        steps, drafter_steps = steps + s, drafter_steps + p * depth
+    share = drafter_steps * 2.0 / (steps * 10.0)
+    assert share <= 0.012 * value, share
+    assert steps / (drafter_steps or 1) <= ctrl.max_shadow_interval / value + 1  # never stops
 
 
 def test_new_request_keeps_costs_but_relearns_acceptance():
@@ -146,6 +167,25 @@ def test_a_request_after_plain_steps_starts_plain_and_shadow_probes():
     # After a request that drafted, the next one drafts from its first round.
     ctrl.start_request()
     assert ctrl.choose() > 0
+
+
+def test_a_request_skips_start_probes_that_could_not_change_its_start():
+    """Verifying costs nearly a step per token: after text the drafter cannot guess, even
+    two passed start probes would leave drafting unpaid, so a new request does not spend
+    drafter steps on them; where passes could make drafting pay, it does."""
+    dear = lambda m: 10.0 + 8.0 * (m - 1)  # noqa: E731
+    ctrl = AdaptiveController(k_max=8)
+    simulate(ctrl, 150, 0.0, dear, 0.3, random.Random(12))
+    ctrl.start_request()
+    assert ctrl.choose() == 0
+    burst = ctrl.plain_burst()
+    assert burst.probes <= 1 and burst.steps >= ctrl.min_shadow_interval
+    cheap = lambda m: 10.0 + 0.2 * (m - 1)  # noqa: E731
+    ctrl = AdaptiveController(k_max=8)
+    simulate(ctrl, 150, 0.0, cheap, 0.3, random.Random(12))
+    ctrl.start_request()
+    assert ctrl.choose() == 0
+    assert ctrl.plain_burst().probes == ctrl.start_shadows
 
 
 def test_observed_round_times_override_the_cost_model():
