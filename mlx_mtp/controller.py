@@ -31,7 +31,7 @@ that follows drafting starts at most ``start_k`` deep.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Protocol, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Protocol, Set, Tuple, Union
 
 
 @dataclass
@@ -411,8 +411,8 @@ class AdaptiveController:
 
         Where verifying costs almost a plain step per token (4-bit weights on a CPU), even
         text the drafter guesses well gains a few percent, while each probe costs its
-        drafter steps on every text: a probe budget sized for a gain of 30% would cost
-        more than drafting could ever win back.
+        drafter steps on every text: a budget meant for gains of 25% and more would cost
+        more than drafting could win back.
         """
         times = self._round_times()
         be = self.break_even_acceptance()
@@ -429,14 +429,9 @@ class AdaptiveController:
         for i in range(1, depth + 1):
             trials[i] += n
             hits[i] += n
-        tokens, run, times = 1.0, 1.0, self._round_times()
-        need = (1 + self.draft_margin) / times[0]
-        for k, a in enumerate(self._acceptance(trials, hits), start=1):
-            run *= a
-            tokens += run
-            if tokens / times[k] >= need:
-                return True
-        return False
+        return (
+            self._fewest_paying_k(self._acceptance(trials, hits), self._round_times()) is not None
+        )
 
     def break_even_acceptance(self) -> float:
         """The acceptance per draft at which drafting would beat plain steps by the entry
@@ -454,14 +449,15 @@ class AdaptiveController:
         """``round_time(k)`` for k = 0..k_max."""
         return [self.round_time(k) for k in range(self.k_max + 1)]
 
-    def _fewest_paying_k(self, a: float, times: List[float]) -> Optional[int]:
-        """The fewest drafts whose round beats plain steps by the entry margin when each
-        draft passes with probability ``a`` (expected tokens ``1 + a + ... + a^k``), or None;
-        ``times``: ``_round_times()``."""
+    def _fewest_paying_k(self, a: Union[float, List[float]], times: List[float]) -> Optional[int]:
+        """The fewest drafts whose round beats plain steps by the entry margin when draft i
+        passes with probability ``a[i - 1]`` given the drafts before it did (a float: the
+        same at every position), or None; ``times``: ``_round_times()``."""
+        accs = [a] * self.k_max if isinstance(a, float) else a
         need = (1 + self.draft_margin) / times[0]
         tokens, run = 1.0, 1.0
         for k in range(1, self.k_max + 1):
-            run *= a
+            run *= accs[k - 1]
             tokens += run
             if tokens / times[k] >= need:
                 return k
