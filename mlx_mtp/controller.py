@@ -218,11 +218,7 @@ class AdaptiveController:
         return self._expected_tokens_all()[k]
 
     def _expected_tokens_all(self) -> List[float]:
-        out, run = [1.0], 1.0
-        for a in self.acceptance():
-            run *= a
-            out.append(out[-1] + run)
-        return out
+        return _tokens_by_k(self.acceptance())
 
     def verify_time(self, m: int) -> float:
         """Estimated seconds to verify m tokens: measured, else a linear fit."""
@@ -415,11 +411,11 @@ class AdaptiveController:
         more than drafting could win back.
         """
         times = self._round_times()
-        be = self.break_even_acceptance()
+        be = self.break_even_acceptance(times)
         if be >= 1.0:
             return self.min_probe_value
-        a = 0.5 * (1.0 + be)
-        gain = max(_flat_tokens(a, k) / times[k] for k in range(1, self.k_max + 1)) * times[0]
+        tokens = _tokens_by_k([0.5 * (1.0 + be)] * self.k_max)
+        gain = max(tokens[k] / times[k] for k in range(1, self.k_max + 1)) * times[0]
         return min(1.0, max(self.min_probe_value, (gain - 1.0) / self.full_value_gain))
 
     def _passes_could_pay(self, n: int, depth: int) -> bool:
@@ -433,10 +429,11 @@ class AdaptiveController:
             self._fewest_paying_k(self._acceptance(trials, hits), self._round_times()) is not None
         )
 
-    def break_even_acceptance(self) -> float:
+    def break_even_acceptance(self, times: Optional[List[float]] = None) -> float:
         """The acceptance per draft at which drafting would beat plain steps by the entry
-        margin, were it the same at every position (above 1: drafting cannot pay)."""
-        times = self._round_times()
+        margin, were it the same at every position (above 1: drafting cannot pay);
+        ``times``: ``_round_times()``, if the caller has them."""
+        times = self._round_times() if times is None else times
         if self._fewest_paying_k(1.0, times) is None:
             return 2.0
         low, high = 0.0, 1.0
@@ -453,15 +450,9 @@ class AdaptiveController:
         """The fewest drafts whose round beats plain steps by the entry margin when draft i
         passes with probability ``a[i - 1]`` given the drafts before it did (a float: the
         same at every position), or None; ``times``: ``_round_times()``."""
-        accs = [a] * self.k_max if isinstance(a, float) else a
+        tokens = _tokens_by_k([a] * self.k_max if isinstance(a, float) else a)
         need = (1 + self.draft_margin) / times[0]
-        tokens, run = 1.0, 1.0
-        for k in range(1, self.k_max + 1):
-            run *= accs[k - 1]
-            tokens += run
-            if tokens / times[k] >= need:
-                return k
-        return None
+        return next((k for k in range(1, self.k_max + 1) if tokens[k] / times[k] >= need), None)
 
     def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
         """Plain steps timed in steady state (token read to token read, the pipeline full),
@@ -562,9 +553,14 @@ class AdaptiveController:
         return r >= self.warmup_rounds and (calibrating or r % self.timing_every == 0)
 
 
-def _flat_tokens(a: float, k: int) -> float:
-    """Expected tokens of a round of k drafts that each pass with probability a."""
-    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+def _tokens_by_k(accs: List[float]) -> List[float]:
+    """Expected tokens of a round with k = 0..len(accs) drafts, when draft i passes with
+    probability ``accs[i - 1]`` given the drafts before it did: ``1 + sum_i prod_{j<=i} a_j``."""
+    out, run = [1.0], 1.0
+    for a in accs:
+        run *= a
+        out.append(out[-1] + run)
+    return out
 
 
 def _argmax(rates: List[float], low: int = 0) -> int:
