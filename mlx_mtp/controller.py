@@ -337,13 +337,14 @@ class AdaptiveController:
                 # shadow-probe position 1, so a few unlucky rounds on text where drafting
                 # pays would otherwise end it for most of a request.
                 k = 0
+            if k > 0 and not self.drafting:
+                # Drafting resumes: should it stop again, the first plain bursts are short
+                # (their shadow probes come often), as the stop may rest on two or three
+                # unlucky rounds, and text that turned easy often stays easy.  Only a resume
+                # resets the ramp (a request drafting on its prior does not), and bursts are
+                # longer where probes can find less (see probe_value).
+                self.burst_ramp = max(self.first_burst, int(self.first_burst / self.probe_value()))
             self.drafting = k > 0
-            if k > 0:
-                # Drafting pays; should that change, the first plain bursts are short (their
-                # shadow probes come often), as the switch may rest on two or three unlucky
-                # rounds.  Halved per drafting round, not reset: one round drafted on a new
-                # request's prior must not bring back frequent shadow probes.
-                self.burst_ramp = max(self.first_burst, self.burst_ramp // 2)
             if k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
                 # Explore: acceptance at positions past the chosen k is otherwise never
                 # observed, and a pessimistic guess there would keep k small for good;

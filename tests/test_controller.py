@@ -359,6 +359,34 @@ def test_shadow_probes_that_pass_against_the_odds_come_sooner(before):
     assert bursts >= 3 and steps <= 2 * ctrl.first_burst * bursts, (steps, bursts, interval)
 
 
+@pytest.mark.parametrize("per_token", [0.5, 3.0])
+def test_a_resume_that_fails_soon_is_probed_again_soon(per_token):
+    """Drafting resumes after a long plain stretch (the probes' spacing at its widest), then
+    the text turns hard again after a round or two: the first plain burst after that is short
+    again, as after any resume (code that starts hard often has such false starts; a spacing
+    still wide from the plain stretch took dozens of plain steps to try again).  Where probes
+    can find less, the burst is longer by the same factor as the spacing."""
+    verify = lambda m: 10.0 + per_token * (m - 1)  # noqa: E731
+    # Passed probes bring the next sooner by their likelihood ratio (tested above); off here,
+    # so the spacing after the stop is the ramp's alone.
+    ctrl = AdaptiveController(k_max=8, max_shadow_odds=1.0)
+    rng = random.Random(6)
+    simulate(ctrl, 150, 0.0, verify, 2.0, rng)
+    for _ in range(10):  # the plain stretch goes on: the spacing ramps up to its widest
+        assert ctrl.choose() == 0
+        plain(ctrl, lambda: False, verify, 2.0)
+    assert ctrl.burst_ramp >= ctrl.max_shadow_interval
+    _plain_steps_until_drafting(ctrl, verify)
+    failed = 0
+    while (k := ctrl.choose()) > 0:  # every draft fails from now on
+        ctrl.observe(k, 0)
+        ctrl.observe_round_time(k, k * 2.0 + verify(k + 1) + 0.5)
+        failed += 1
+        assert failed < 20, "drafting never stopped"
+    expected = max(ctrl.first_burst, int(ctrl.first_burst / ctrl.probe_value()))
+    assert ctrl.plain_burst().steps <= expected < ctrl.max_shadow_interval / 2
+
+
 def test_expected_passes_barely_move_the_spacing():
     """Drafts pass at 0.96 but plain steps stay faster (verifying costs almost a step per
     token): the estimate expects the passes, so the probes keep close to the budget."""
