@@ -68,8 +68,13 @@ def sample_from(probs: mx.array) -> mx.array:
 
 def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
     """Raise ``GenerationError`` for values a sampler cannot use."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or temperature < 0:
-        raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if (
+        not (isinstance(temperature, (int, float)) and math.isfinite(temperature))
+        or temperature < 0
+    ):
+        raise GenerationError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
+        )
     if temperature > 100:
         raise GenerationError(f"temperature {temperature} is absurd; use a value between 0 and 100")
     if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):

@@ -233,7 +233,9 @@ def e2b_width_hf(seed: int = 0) -> Path:
     cfg = Gemma4TextConfig(**E2B_WIDTH)
     with torch.no_grad():
         model = Gemma4ForCausalLM(cfg).to(torch.float32).eval()
-        hf_ref._randomize_(model.model, seed * 1000 + 17, ple_width=E2B_WIDTH["hidden_size_per_layer_input"])
+        hf_ref._randomize_(
+            model.model, seed * 1000 + 17, ple_width=E2B_WIDTH["hidden_size_per_layer_input"]
+        )
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))

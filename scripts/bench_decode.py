@@ -39,18 +39,22 @@ from _bench_common import (  # noqa: E402
 
 def models(quick: bool):
     """(name, folder, prompt tokens, new tokens)."""
-    out = [
-        ("demo 4-bit (f32 act)", converted(TARGET_SRC, "demo-4bit-f32", quantize=True, dtype="float32"), 512, 128),
-        ("demo 4-bit (bf16 act)", converted(TARGET_SRC, "demo-4bit", quantize=True, dtype="bfloat16"), 512, 128),
-        ("demo bf16", converted(TARGET_SRC, "demo-bf16", quantize=False, dtype="bfloat16"), 512, 128),
+    # (name, source, folder, quantize, activation dtype, prompt tokens, new tokens)
+    specs = [
+        ("demo 4-bit (f32 act)", TARGET_SRC, "demo-4bit-f32", True, "float32", 512, 128),
+        ("demo 4-bit (bf16 act)", TARGET_SRC, "demo-4bit", True, "bfloat16", 512, 128),
+        ("demo bf16", TARGET_SRC, "demo-bf16", False, "bfloat16", 512, 128),
     ]
     if not quick:
         src = e2b_width_hf()
-        out += [
-            ("E2B-width 4-bit (f32 act)", converted(src, "e2bw4-4bit-f32", quantize=True, dtype="float32"), 256, 64),
-            ("E2B-width bf16", converted(src, "e2bw4-bf16", quantize=False, dtype="bfloat16"), 256, 64),
+        specs += [
+            ("E2B-width 4-bit (f32 act)", src, "e2bw4-4bit-f32", True, "float32", 256, 64),
+            ("E2B-width bf16", src, "e2bw4-bf16", False, "bfloat16", 256, 64),
         ]
-    return out
+    return [
+        (name, converted(source, folder, quantize=quantize, dtype=dtype), prompt, new)
+        for name, source, folder, quantize, dtype, prompt, new in specs
+    ]
 
 
 def run_ours(model, ids, n):
@@ -81,7 +85,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regime-label", default="stock", choices=["stock", "openblas"])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="demo rows only, 128-token prompt, 32 new tokens")
+    ap.add_argument(
+        "--quick", action="store_true", help="demo rows only, 128-token prompt, 32 new tokens"
+    )
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     import mlx_lm
@@ -134,9 +140,13 @@ def main() -> None:
         "mlx_lm_decode_tps",
         "decode_ratio",
     ]
-    print(f"regime: {args.regime_label}; medians of {args.reps} alternating runs per implementation")
+    print(
+        f"regime: {args.regime_label}; medians of {args.reps} alternating runs per implementation"
+    )
     print(table(heads, [[r[h] for h in heads] for r in rows], nd=2))
-    write_json(args.json, {"regime": regime, "machine": machine_info(), "loadavg": loadavg(), "rows": rows})
+    write_json(
+        args.json, {"regime": regime, "machine": machine_info(), "loadavg": loadavg(), "rows": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Fixture API
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +31,12 @@ SHARED_MODELS = (REPO_ROOT / ".." / "shared" / "models").resolve()
 
 if str(TESTS_DIR) not in sys.path:  # make `import hf_ref` work regardless of pytest's import mode
     sys.path.insert(0, str(TESTS_DIR))
+
+# A non-interactive shell starts background jobs with SIGINT ignored, and the CLIs the Ctrl-C tests
+# start would inherit that and never see the signal (they ran to the end and exited 0).  Restore
+# Python's handler so children start with the default disposition, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _import_hf_ref():

@@ -70,7 +70,9 @@ def test_rollback_after_single_token_updates_far_beyond_window():
     for a, b in zip(cache.state, ref.state):
         np.testing.assert_array_equal(np.array(a), np.array(b))
     keys, _ = cache.committed(WINDOW + 1)
-    np.testing.assert_array_equal(np.array(keys)[0, 0, :, 0], np.array(mx.concatenate(kv[290 - WINDOW - 1 : 290]))[:, 0, 0, 0])
+    np.testing.assert_array_equal(
+        np.array(keys)[0, 0, :, 0], np.array(mx.concatenate(kv[290 - WINDOW - 1 : 290]))[:, 0, 0, 0]
+    )
 
 
 def test_sliding_memory_is_bounded():

@@ -7,7 +7,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_mtp.cache import trim_cache
 from mlx_mtp.controller import PlainBurst
 from mlx_mtp.errors import DrafterMismatchError, GenerationError
 from mlx_mtp.loading import load
@@ -28,14 +27,14 @@ from tiny_mlx import drafter_config, make_pair, target_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 TARGET, ASSISTANT = SHARED / "tiny-gemma4-code", SHARED / "tiny-gemma4-code-assistant"
-CODE_PROMPT = '''import unittest
+CODE_PROMPT = """import unittest
 from test import support
 
 
 class DecodeTests(unittest.TestCase):
     def test_float(self):
         rval = self.loads('1', parse_int=float)
-'''
+"""
 
 needs_shared = pytest.mark.skipif(not TARGET.exists(), reason="../shared/models is not present")
 
@@ -44,8 +43,14 @@ def run(model, prompt, n, drafter=None, k=4, sampler=Sampler(), stop_ids=frozens
     stats = GenerationStats()
     out = list(
         generate_tokens(
-            model, prompt, max_tokens=n, sampler=sampler, draft_model=drafter,
-            num_draft_tokens=k, stop_ids=stop_ids, stats=stats,
+            model,
+            prompt,
+            max_tokens=n,
+            sampler=sampler,
+            draft_model=drafter,
+            num_draft_tokens=k,
+            stop_ids=stop_ids,
+            stats=stats,
         )
     )
     return [t for t, _ in out], [f for _, f in out], stats
@@ -61,7 +66,12 @@ def shared_pair():
 
 
 def _quantize(model, bits=4):
-    nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    nn.quantize(
+        model,
+        group_size=64,
+        bits=bits,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0,
+    )
     return model
 
 
@@ -80,7 +90,9 @@ def test_shared_pair_lossless_every_k(dtype):
     plain, _, _ = run(model, prompt, n)
     for k in range(1, 9):
         got, from_draft, stats = run(model, prompt, n, drafter, k)
-        assert got == plain, f"k={k} diverged at {next(i for i, (a, b) in enumerate(zip(got, plain)) if a != b)}"
+        assert got == plain, (
+            f"k={k} diverged at {next(i for i, (a, b) in enumerate(zip(got, plain)) if a != b)}"
+        )
         assert stats.accepted_tokens > 0 and any(from_draft)
         assert stats.generation_tokens == n
     # The trained drafter must actually be good (a wrong detail gives ~0 acceptance).
@@ -107,7 +119,9 @@ def test_shared_pair_acceptance_matches_hf_report(shared_pair):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_random_pairs_lossless(variant, dtype):
     if variant.get("moe") and dtype == mx.bfloat16 and not _bf16_gather_mm():
-        pytest.skip("this MLX backend's gather_mm supports float32 only (MLX CPU); bf16 MoE runs on Metal")
+        pytest.skip(
+            "this MLX backend's gather_mm supports float32 only (MLX CPU); bf16 MoE runs on Metal"
+        )
     model, drafter = make_pair(seed=7, dtype=dtype, window=8, vocab=64, centroids=0, **variant)
     prompt = list(range(4, 24))
     plain, _, _ = run(model, prompt, 60)
@@ -118,10 +132,16 @@ def test_random_pairs_lossless(variant, dtype):
 
 @pytest.mark.parametrize(
     "variant",
-    [dict(centroids=16), dict(moe=True, k_eq_v=True, kv_shared=0, ple=0), dict(k_eq_v=True, kv_shared=0, ple=0)],
+    [
+        dict(centroids=16),
+        dict(moe=True, k_eq_v=True, kv_shared=0, ple=0),
+        dict(k_eq_v=True, kv_shared=0, ple=0),
+    ],
 )
 def test_random_pairs_lossless_4bit(variant):
-    model, drafter = make_pair(seed=11, dtype=mx.bfloat16, window=8, vocab=256, hidden=64, **variant)
+    model, drafter = make_pair(
+        seed=11, dtype=mx.bfloat16, window=8, vocab=256, hidden=64, **variant
+    )
     _quantize(model)
     prompt = list(range(4, 30))
     plain, _, _ = run(model, prompt, 50)
@@ -151,11 +171,15 @@ class OracleDrafter(Drafter):
         self.continuation, self.prompt_len, self.vocab = continuation, prompt_len, vocab
 
     def draft_step(self, token_embedding, hidden, shared_kv, position):
-        step = int(hidden[0, 0, -1].item()) if hidden.shape[-1] and hidden[0, 0, 0].item() == -7 else 0
+        step = (
+            int(hidden[0, 0, -1].item()) if hidden.shape[-1] and hidden[0, 0, 0].item() == -7 else 0
+        )
         idx = position - self.prompt_len + 1 + step
         tok = self.continuation[idx] if idx < len(self.continuation) else 0
         logits = mx.full((1, 1, self.vocab), -1e9).at[0, 0, tok].add(1e9 + 1)
-        marker = mx.concatenate([mx.full((1, 1, hidden.shape[-1] - 1), -7.0), mx.full((1, 1, 1), step + 1.0)], -1)
+        marker = mx.concatenate(
+            [mx.full((1, 1, hidden.shape[-1] - 1), -7.0), mx.full((1, 1, 1), step + 1.0)], -1
+        )
         return logits, marker
 
     def greedy_step(self, token_embedding, hidden, shared_kv, position):
@@ -339,8 +363,13 @@ def test_shadow_probes_score_drafts_as_a_round_would(shared_pair, round_k):
     out = [
         t
         for t, _ in generate_tokens(
-            model, prompt, max_tokens=24, sampler=Sampler(), draft_model=drafter,
-            controller=ctrl, stats=stats,
+            model,
+            prompt,
+            max_tokens=24,
+            sampler=Sampler(),
+            draft_model=drafter,
+            controller=ctrl,
+            stats=stats,
         )
     ]
     assert out == plain

@@ -59,8 +59,18 @@ def test_mtp_sampling_matches_target_distribution(temperature, top_p, k):
     for seed in range(n):
         mx.random.seed(seed)
         stats = GenerationStats()
-        toks = [t for t, _ in generate_tokens(model, PROMPT, max_tokens=length, sampler=sampler,
-                                              draft_model=drafter, num_draft_tokens=k, stats=stats)]
+        toks = [
+            t
+            for t, _ in generate_tokens(
+                model,
+                PROMPT,
+                max_tokens=length,
+                sampler=sampler,
+                draft_model=drafter,
+                num_draft_tokens=k,
+                stats=stats,
+            )
+        ]
         counts[tuple(toks)] = counts.get(tuple(toks), 0) + 1
         accepted += stats.accepted_tokens
     assert 0 < accepted < n * (length - 1), "the test needs both accepted and rejected drafts"
@@ -94,8 +104,19 @@ def test_seeded_sampling_is_reproducible():
     runs = []
     for _ in range(2):
         mx.random.seed(123)
-        runs.append([t for t, _ in generate_tokens(model, PROMPT, max_tokens=20, sampler=Sampler(0.8, 0.95),
-                                                   draft_model=drafter, num_draft_tokens=3)])
+        runs.append(
+            [
+                t
+                for t, _ in generate_tokens(
+                    model,
+                    PROMPT,
+                    max_tokens=20,
+                    sampler=Sampler(0.8, 0.95),
+                    draft_model=drafter,
+                    num_draft_tokens=3,
+                )
+            ]
+        )
     assert runs[0] == runs[1]
 
 

@@ -51,7 +51,9 @@ def target_config(
         "max_position_embeddings": 4096,
     }
     if moe:
-        cfg.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=hidden)
+        cfg.update(
+            enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=hidden
+        )
     return cfg
 
 

@@ -111,7 +111,11 @@ class TextConfig:
         if not self.rope_parameters:
             self.rope_parameters = {
                 SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
-                FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+                FULL: {
+                    "rope_type": "proportional",
+                    "partial_rotary_factor": 0.25,
+                    "rope_theta": 1e6,
+                },
             }
         if self.enable_moe_block and not (
             self.num_experts and self.top_k_experts and self.moe_intermediate_size
@@ -158,7 +162,9 @@ def _rope_fn(params: Dict[str, Any], head_dim: int):
     base = float(params.get("rope_theta", 10000.0))
     factor = float(params.get("factor", 1.0) or 1.0)
     if rope_type not in ("default", "proportional", "linear"):
-        raise ModelConfigError(f"unsupported rope_type {rope_type!r} (supported: default, proportional)")
+        raise ModelConfigError(
+            f"unsupported rope_type {rope_type!r} (supported: default, proportional)"
+        )
     partial = float(params.get("partial_rotary_factor", 1.0))
     if rope_type == "proportional":
         # Frequencies use the full head dim; pairs beyond the rotated part get angle 0.
@@ -260,7 +266,9 @@ class Attention(nn.Module):
         return self.o_proj(out), (keys, values)
 
 
-def attend(q: mx.array, keys: mx.array, values: mx.array, offset: int, window: Optional[int]) -> mx.array:
+def attend(
+    q: mx.array, keys: mx.array, values: mx.array, offset: int, window: Optional[int]
+) -> mx.array:
     """Scaled-dot-product attention with scale 1.0 (q and k are RMS-normalised).
 
     ``keys`` are the most recent ``k_len`` positions ending at the last query.
@@ -301,7 +309,9 @@ class Router(nn.Module):
     def __call__(self, x: mx.array) -> Tuple[mx.array, mx.array]:
         z = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
         probs = mx.softmax(self.proj(z).astype(mx.float32), axis=-1)
-        idx = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
+        idx = mx.stop_gradient(
+            mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        )
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         return idx, w * self.per_expert_scale[idx].astype(mx.float32)
@@ -320,7 +330,11 @@ class Experts(nn.Module):
         from mlx_lm.models.switch_layers import SwitchGLU  # imports all of mlx_lm: only for MoE
 
         self.switch_glu = SwitchGLU(
-            cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, activation=_GeGLU(), bias=False
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            cfg.num_experts,
+            activation=_GeGLU(),
+            bias=False,
         )
 
     def __call__(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array:
@@ -420,7 +434,10 @@ class TextModel(nn.Module):
 
 def _kv_sources(cfg: TextConfig) -> List[int]:
     """For each layer, the layer whose K/V it uses (itself unless KV-shared)."""
-    return [i if i < cfg.first_shared else cfg.producer(cfg.layer_types[i]) for i in range(cfg.num_hidden_layers)]
+    return [
+        i if i < cfg.first_shared else cfg.producer(cfg.layer_types[i])
+        for i in range(cfg.num_hidden_layers)
+    ]
 
 
 class Model(nn.Module):
@@ -453,7 +470,11 @@ class Model(nn.Module):
         return TargetOutput(logits, h if return_hidden else None, shared_kv)
 
     def logits(self, h: mx.array) -> mx.array:
-        out = self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
+        out = (
+            self.model.embed_tokens.as_linear(h)
+            if self.args.tie_word_embeddings
+            else self.lm_head(h)
+        )
         cap = self.args.final_logit_softcapping
         return mx.tanh(out / cap) * cap if cap else out
 

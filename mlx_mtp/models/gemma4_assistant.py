@@ -39,7 +39,9 @@ class AssistantConfig:
     def from_dict(cls, config: Dict[str, Any]) -> "AssistantConfig":
         text_dict = dict(config.get("text_config") or {})
         if not text_dict:
-            raise ModelConfigError("assistant config.json has no text_config; is this a Gemma 4 assistant?")
+            raise ModelConfigError(
+                "assistant config.json has no text_config; is this a Gemma 4 assistant?"
+            )
         text = TextConfig.from_dict(text_dict)
         # HF forces every drafter layer to be KV-shared (Q-only attention).
         text.num_kv_shared_layers = text.num_hidden_layers
@@ -115,7 +117,9 @@ class Drafter(nn.Module):
         z = self.hidden(token_embedding, hidden, shared_kv, position)
         return self.logits(z), self.post_projection(z)
 
-    def greedy_step(self, token_embedding, hidden, shared_kv, position) -> Tuple[mx.array, mx.array]:
+    def greedy_step(
+        self, token_embedding, hidden, shared_kv, position
+    ) -> Tuple[mx.array, mx.array]:
         """``draft_step`` followed by argmax, without a full-vocabulary logit row.
 
         Returns the draft token ids ``[B, 1]`` and the next hidden ``[B, 1, Hb]``.
@@ -190,4 +194,11 @@ def drafter_kv_shapes(drafter: Drafter) -> Dict[str, Tuple[int, int]]:
     return {lt: (t.kv_heads_of(lt), t.head_dim_of(lt)) for lt in set(t.layer_types)}
 
 
-__all__ = ["ASSISTANT_MODEL_TYPES", "AssistantConfig", "Drafter", "drafter_kv_shapes", "FULL", "SLIDING"]
+__all__ = [
+    "ASSISTANT_MODEL_TYPES",
+    "AssistantConfig",
+    "Drafter",
+    "drafter_kv_shapes",
+    "FULL",
+    "SLIDING",
+]
