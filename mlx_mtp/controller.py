@@ -23,7 +23,9 @@ would have scored them.  A shadow probe costs drafter steps and no verification
 (and no synchronisation: it joins the plain step's lazy graph), so it can run
 every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
 plain steps); sooner while the probes pass more often than the estimate expects (by
-the likelihood ratio of acceptance above break-even against the estimate).  A
+the likelihood ratio of acceptance above break-even against the estimate), and
+right after drafting stops (bursts from ``first_burst`` that double, restarted at
+each resume of drafting).  A
 request that follows plain decoding starts plain, its first steps shadow-probed; one
 that follows drafting starts at most ``start_k`` deep.
 """
@@ -343,7 +345,7 @@ class AdaptiveController:
                 # unlucky rounds, and text that turned easy often stays easy.  Only a resume
                 # resets the ramp (a request drafting on its prior does not), and bursts are
                 # longer where probes can find less (see probe_value).
-                self.burst_ramp = max(self.first_burst, int(self.first_burst / self.probe_value()))
+                self.burst_ramp = int(self.first_burst / self.probe_value())  # value <= 1
             self.drafting = k > 0
             if k > 0 and self.rounds % self.explore_every == self.explore_every // 2:
                 # Explore: acceptance at positions past the chosen k is otherwise never
