@@ -26,8 +26,9 @@ plain steps); sooner while the probes pass more often than the estimate expects 
 the likelihood ratio of acceptance above break-even against the estimate), and
 right after drafting stops (bursts from ``first_burst`` that double, restarted at
 each resume of drafting).  A
-request that follows plain decoding starts plain, its first steps shadow-probed; one
-that follows drafting starts at most ``start_k`` deep.
+request that follows plain decoding starts plain, its first steps shadow-probed (where
+drafting pays only near-perfect acceptance, one step in every few while the probes
+pass); one that follows drafting starts at most ``start_k`` deep.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class AdaptiveController:
         min_shadow_odds: float = 0.5,
         full_value_gain: float = 0.25,
         min_probe_value: float = 0.125,
+        max_probe_run: int = 16,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -155,6 +157,7 @@ class AdaptiveController:
         self.min_shadow_interval = min_shadow_interval
         self.max_shadow_interval = max_shadow_interval
         self.start_shadows = start_shadows
+        self.max_probe_run = max_probe_run
         self.max_shadow_odds = max_shadow_odds
         self.min_shadow_odds = min_shadow_odds
         self.full_value_gain = full_value_gain
@@ -189,7 +192,8 @@ class AdaptiveController:
         self._line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
         self.rounds = 0
         self.request_start = False  # no choice made yet in this request
-        self.starting_plain = False  # this request started plain: its first burst shadow-probes
+        self.starting_plain = False  # this request started plain: its first bursts shadow-probe
+        self.probe_run_failed = False  # a probe of the request's opening run failed
         self.shadow_odds = 1.0  # evidence from shadow probes that acceptance is above the estimate
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
 
@@ -327,7 +331,7 @@ class AdaptiveController:
             # prior-pulled estimate would cost a failed deep round on text the drafter
             # cannot guess; the shadow probes decide within two steps, almost for free.
             k = 0
-            self.starting_plain = True
+            self._start_plain()
         else:
             rates = self.rates()
             k = _argmax(rates, 1)
@@ -354,6 +358,10 @@ class AdaptiveController:
                 deeper = min(self.k_max, k + 2)
                 k = deeper if rates[deeper] >= self.explore_floor * rates[k] else k
             k = min(k, self.k_cap)
+            if k == 0 and self.request_start:
+                self._start_plain()  # its prior no longer pays: probe its first steps
+            elif k > 0:
+                self.starting_plain = False
         self.request_start = False
         self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
         return k
@@ -365,10 +373,9 @@ class AdaptiveController:
             return PlainBurst(self.CALIBRATION_BURST)  # prices plain steps: no drafter time
         depth = self.shadow_depth()
         if self.starting_plain:
-            self.starting_plain = False
-            n = self.start_shadows
-            if self._passes_could_pay(n, depth):
-                return PlainBurst(n + depth - 1, n, depth)
+            opening = self._opening_probes(depth)
+            if opening is not None:
+                return opening
         interval = self.shadow_interval(depth)
         steps = min(self.burst_ramp, interval)
         self.burst_ramp = min(2 * self.burst_ramp, max(interval, self.max_shadow_interval))
@@ -380,6 +387,36 @@ class AdaptiveController:
             # failures balance, and the budget holds on average.
             steps = max(self.first_burst, int(steps / self.shadow_odds))
         return PlainBurst(max(steps, depth), 1, depth)
+
+    def _start_plain(self) -> None:
+        self.starting_plain, self.probe_run_failed = True, False
+
+    def _opening_probes(self, depth: int) -> Optional[PlainBurst]:
+        """The next burst of a request that starts plain, or None once its opening probes
+        are over (then the usual spacing applies).
+
+        Where ``start_shadows`` passes could make drafting pay, they are probed on the first
+        steps at once.  Where it takes more (verifying costs nearly a step per token, so
+        drafting pays only near-perfect acceptance), the request probes one step in every
+        ``depth + 1`` (each probe scored before the next is planned, their tokens apart) for
+        as long as the probes pass and at most ``max_probe_run`` passes could still make
+        drafting pay: text the drafter guesses well then drafts after a dozen probes or so,
+        and on other text the first failure (usually the first probe) ends the run.
+        """
+        if self._passes_could_pay(self.start_shadows, depth):
+            self.starting_plain = False
+            n = self.start_shadows
+            return PlainBurst(n + depth - 1, n, depth)
+        if self.probe_run_failed:
+            self.starting_plain = False
+            return None
+        # One draft per probe where passes of it alone could do (fewer drafter steps than a
+        # deeper probe; deeper positions follow position 1, see acceptance()).
+        for d in (1, depth) if depth > 1 else (1,):
+            if self._passes_could_pay(self.max_probe_run, d):
+                return PlainBurst(d + 1, 1, d)
+        self.starting_plain = False
+        return None
 
     def shadow_depth(self) -> int:
         """Drafts per shadow probe: the fewest whose round would beat plain steps (by the
@@ -469,6 +506,8 @@ class AdaptiveController:
         """A shadow probe: ``drafted`` drafts at a plain step, scored against the target's
         tokens as a round would have (greedy: the first ``accepted`` passed; sampling, one
         draft: the probability that speculative sampling accepts it, ``sum(min(p, q))``)."""
+        if self.starting_plain and accepted < drafted * self.break_even_acceptance():
+            self.probe_run_failed = True  # evidence against drafting: the opening run ends
         self._weigh_shadow(drafted, accepted)
         self._record(drafted, accepted)
 

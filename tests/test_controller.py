@@ -188,6 +188,47 @@ def test_a_request_skips_start_probes_that_could_not_change_its_start():
     assert ctrl.plain_burst().probes == ctrl.start_shadows
 
 
+def opening(ctrl, passes, limit=400):
+    """Plain bursts of a new request until it drafts (or ``limit`` steps); each shadow probe
+    passes all its drafts or none, as ``passes()`` says.  Returns (steps, probes, bursts, k)."""
+    ctrl.start_request()
+    k, steps, probes, bursts = ctrl.choose(), 0, 0, []
+    while k == 0 and steps < limit:
+        burst = ctrl.plain_burst()
+        bursts.append(burst)
+        for _ in range(burst.probes):
+            ctrl.observe_shadow(burst.depth, burst.depth if passes() else 0)
+        drafter_steps = burst.probes * burst.depth
+        ctrl.observe_plain(burst.steps, burst.steps * 10.0 + drafter_steps * 0.3, drafter_steps)
+        steps, probes = steps + burst.steps, probes + burst.probes
+        k = ctrl.choose()
+    return steps, probes, bursts, k
+
+
+def test_a_request_where_drafting_needs_many_passes_probes_until_the_first_failure():
+    """Verifying costs most of a step per token: two passed start probes could not make
+    drafting pay, a dozen could.  A new request then probes one step in every depth + 1
+    while the probes pass, and drafts as soon as they show it pays; on text the drafter
+    cannot guess, the first failed probe ends the run and the usual spacing follows."""
+    dear = lambda m: 10.0 + 7.0 * (m - 1)  # noqa: E731
+    ctrl = AdaptiveController(k_max=8)
+    simulate(ctrl, 150, 0.0, dear, 0.3, random.Random(12))
+    assert not ctrl._passes_could_pay(ctrl.start_shadows, 1)
+    steps, probes, bursts, k = opening(ctrl, lambda: True)
+    assert k > 0
+    # Spaced by the usual bursts (the first 8 steps, then 4 as the passes shorten them), the
+    # same 9 probes took 40 steps.
+    assert steps <= 2 * probes
+    assert all(b.steps <= b.depth + 1 for b in bursts) and probes <= ctrl.max_probe_run
+
+    ctrl = AdaptiveController(k_max=8)
+    simulate(ctrl, 150, 0.0, dear, 0.3, random.Random(12))
+    steps, probes, bursts, k = opening(ctrl, lambda: False, limit=100)
+    assert k == 0
+    assert bursts[0].probes == 1 and bursts[0].steps == bursts[0].depth + 1
+    assert bursts[1].steps >= ctrl.min_shadow_interval  # the run ended at the first failure
+
+
 def test_observed_round_times_override_the_cost_model():
     """Split timings say k = 6 is cheap, whole rounds at k >= 3 say otherwise (e.g. memory pressure)."""
     ctrl = AdaptiveController(k_max=8)
