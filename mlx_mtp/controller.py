@@ -33,6 +33,7 @@ pass); one that follows drafting starts at most ``start_k`` deep.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Protocol, Set, Tuple, Union
 
@@ -148,6 +149,8 @@ class AdaptiveController:
         full_value_gain: float = 0.25,
         min_probe_value: float = 0.125,
         max_probe_run: int = 16,
+        probe_run_budget: float = 2.0,
+        max_probe_share: float = 0.06,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -158,6 +161,8 @@ class AdaptiveController:
         self.max_shadow_interval = max_shadow_interval
         self.start_shadows = start_shadows
         self.max_probe_run = max_probe_run
+        self.probe_run_budget = probe_run_budget
+        self.max_probe_share = max_probe_share
         self.max_shadow_odds = max_shadow_odds
         self.min_shadow_odds = min_shadow_odds
         self.full_value_gain = full_value_gain
@@ -386,7 +391,16 @@ class AdaptiveController:
             # comes that many times sooner.  Where the estimate is right, passes and
             # failures balance, and the budget holds on average.
             steps = max(self.first_burst, int(steps / self.shadow_odds))
-        return PlainBurst(max(steps, depth), 1, depth)
+        return PlainBurst(max(steps, depth, self._fewest_probe_spacing(depth)), 1, depth)
+
+    def _fewest_probe_spacing(self, depth: int) -> int:
+        """Plain steps per probe of ``depth`` drafts below which the probes' drafter steps
+        would cost more than ``max_probe_share`` of the plain steps' time.  However often
+        the probes pass or drafting stopped, this bounds what they can lose on text where
+        drafting never pays (4-bit weights on a CPU: a 3-draft probe costs most of a step)."""
+        if not self.draft_cost or not self.plain_cost:
+            return 1
+        return math.ceil(depth * self.draft_cost / (self.max_probe_share * self.plain_cost))
 
     def _start_plain(self) -> None:
         self.starting_plain, self.probe_run_failed = True, False
@@ -399,9 +413,11 @@ class AdaptiveController:
         steps at once.  Where it takes more (verifying costs nearly a step per token, so
         drafting pays only near-perfect acceptance), the request probes one step in every
         ``depth + 1`` (each probe scored before the next is planned, their tokens apart) for
-        as long as the probes pass and at most ``max_probe_run`` passes could still make
-        drafting pay: text the drafter guesses well then drafts after a dozen probes or so,
-        and on other text the first failure (usually the first probe) ends the run.
+        as long as the probes pass and the passes that could still make drafting pay cost
+        at most ``probe_run_budget`` plain steps of drafter time (and number at most
+        ``max_probe_run``): text the drafter guesses well then drafts after several probes,
+        and on other text the first failure (usually the first probe) ends the run.  The
+        budget bounds what a run can lose where drafting turns out not to pay after all.
         """
         if self._passes_could_pay(self.start_shadows, depth):
             self.starting_plain = False
@@ -413,10 +429,17 @@ class AdaptiveController:
         # One draft per probe where passes of it alone could do (fewer drafter steps than a
         # deeper probe; deeper positions follow position 1, see acceptance()).
         for d in (1, depth) if depth > 1 else (1,):
-            if self._passes_could_pay(self.max_probe_run, d):
+            if self._passes_could_pay(self._probe_run_length(d), d):
                 return PlainBurst(d + 1, 1, d)
         self.starting_plain = False
         return None
+
+    def _probe_run_length(self, depth: int) -> int:
+        """The most probes of ``depth`` drafts an opening run may take (see _opening_probes)."""
+        if not self.draft_cost or not self.plain_cost:
+            return self.max_probe_run
+        n = self.probe_run_budget * self.plain_cost / (depth * self.draft_cost)
+        return min(self.max_probe_run, int(n))
 
     def shadow_depth(self) -> int:
         """Drafts per shadow probe: the fewest whose round would beat plain steps (by the

@@ -229,6 +229,22 @@ def test_a_request_where_drafting_needs_many_passes_probes_until_the_first_failu
     assert bursts[1].steps >= ctrl.min_shadow_interval  # the run ended at the first failure
 
 
+def test_shadow_probes_cost_at_most_their_share_of_plain_time():
+    """A drafter step costs a third of a plain step and verifying almost a step per token,
+    so drafting pays only near-perfect acceptance and only deep probes can show it.  Right
+    after drafting stopped, on text whose probes keep passing, the spacing would be at its
+    shortest (the burst ramp restarted, the likelihood ratio at its cap); still, the probes'
+    drafter steps stay within ``max_probe_share`` of the plain steps' time."""
+    dear = lambda m: 10.0 + 8.0 * (m - 1)  # noqa: E731
+    ctrl = AdaptiveController(k_max=8)
+    assert tail_mode(simulate(ctrl, 300, 0.85, dear, 3.0, random.Random(5))) == 0
+    ctrl.burst_ramp, ctrl.shadow_odds = ctrl.first_burst, ctrl.max_shadow_odds
+    burst = ctrl.plain_burst()
+    assert burst.probes == 1
+    # Without the bound: a one-draft probe every 4 steps, 0.075 of the plain steps' time.
+    assert burst.probes * burst.depth * 3.0 <= ctrl.max_probe_share * burst.steps * dear(1)
+
+
 def test_observed_round_times_override_the_cost_model():
     """Split timings say k = 6 is cheap, whole rounds at k >= 3 say otherwise (e.g. memory pressure)."""
     ctrl = AdaptiveController(k_max=8)
