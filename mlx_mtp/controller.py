@@ -403,6 +403,7 @@ class AdaptiveController:
         return math.ceil(depth * self.draft_cost / (self.max_probe_share * self.plain_cost))
 
     def _start_plain(self) -> None:
+        """This request starts plain: its first bursts are its opening probes."""
         self.starting_plain, self.probe_run_failed = True, False
 
     def _opening_probes(self, depth: int) -> Optional[PlainBurst]:
@@ -428,7 +429,7 @@ class AdaptiveController:
             return None
         # One draft per probe where passes of it alone could do (fewer drafter steps than a
         # deeper probe; deeper positions follow position 1, see acceptance()).
-        for d in (1, depth) if depth > 1 else (1,):
+        for d in sorted({1, depth}):
             if self._passes_could_pay(self._probe_run_length(d), d):
                 return PlainBurst(d + 1, 1, d)
         self.starting_plain = False
