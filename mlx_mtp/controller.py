@@ -530,19 +530,19 @@ class AdaptiveController:
         """A shadow probe: ``drafted`` drafts at a plain step, scored against the target's
         tokens as a round would have (greedy: the first ``accepted`` passed; sampling, one
         draft: the probability that speculative sampling accepts it, ``sum(min(p, q))``)."""
-        if self.starting_plain and accepted < drafted * self.break_even_acceptance():
+        be = self.break_even_acceptance()
+        if self.starting_plain and accepted < drafted * be:
             self.probe_run_failed = True  # evidence against drafting: the opening run ends
-        self._weigh_shadow(drafted, accepted)
+        self._weigh_shadow(drafted, accepted, be)
         self._record(drafted, accepted)
 
-    def _weigh_shadow(self, drafted: int, accepted: float) -> None:
+    def _weigh_shadow(self, drafted: int, accepted: float, be: float) -> None:
         """Update ``shadow_odds``: how much likelier the recent shadow probes are if
         acceptance were clearly above break-even (halfway to 1) than at the estimate (a
         likelihood ratio over the compared draft positions whose estimate is below
         break-even).  Where the estimate is right the ratio does not grow on average,
         however often drafts pass; where text the drafter missed has turned easy, it grows
-        with every pass."""
-        be = self.break_even_acceptance()
+        with every pass.  ``be``: ``break_even_acceptance()``."""
         if be >= 1.0:
             self.shadow_odds = self.min_shadow_odds  # drafting cannot pay: no evidence can help
             return
