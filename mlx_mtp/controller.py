@@ -28,7 +28,8 @@ right after drafting stops (bursts from ``first_burst`` that double, restarted a
 each resume of drafting).  A
 request that follows plain decoding starts plain, its first steps shadow-probed (where
 drafting pays only near-perfect acceptance, one step in every few while the probes
-pass); one that follows drafting starts at most ``start_k`` deep.
+pass); one that follows drafting starts at most ``start_k`` deep.  A request in the
+other sampling mode (greedy, sampled) than the last starts plain, from the prior.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class PlainBurst(NamedTuple):
 
 
 class Controller(Protocol):
-    def start_request(self) -> None: ...
+    def start_request(self, sampled: bool = False) -> None: ...
 
     def choose(self) -> int: ...
 
@@ -83,7 +84,7 @@ class FixedController:
         self.timing_every = timing_every
         self.rounds = 0
 
-    def start_request(self) -> None:
+    def start_request(self, sampled: bool = False) -> None:
         pass
 
     def choose(self) -> int:
@@ -197,6 +198,7 @@ class AdaptiveController:
         self._line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
         self.rounds = 0
         self.request_start = False  # no choice made yet in this request
+        self.last_sampled: Optional[bool] = None  # the last request's mode (None: no request yet)
         self.starting_plain = False  # this request started plain: its first bursts shadow-probe
         self.probe_run_failed = False  # a probe of the request's opening run failed
         self.shadow_odds = 1.0  # evidence from shadow probes that acceptance is above the estimate
@@ -306,20 +308,30 @@ class AdaptiveController:
         return _argmax(self.rates(), low)
 
     # -- protocol -----------------------------------------------------------
-    def start_request(self) -> None:
-        """A new prompt: keep the measured costs (they belong to this machine and pair)
-        but let the new text's acceptance take over within a few rounds.
+    def start_request(self, sampled: bool = False) -> None:
+        """A new prompt (``sampled``: not greedy): keep the measured costs (they belong to
+        this machine and pair) but let the new text's acceptance take over within a few
+        rounds.
 
         The first rounds draft at most ``start_k`` tokens, and the cap grows as drafts
         pass (twice the longest accepted run so far): the last prompt's acceptance says
         little about this one, and a deep round that fails costs several plain steps.
+        A request sampled where the last was greedy (or the reverse) keeps none of its
+        acceptance and starts plain, its first steps shadow-probed: greedy drafts pass
+        when they equal the target's argmax, sampled ones with probability
+        ``sum(min(p, q))``, so one mode's rate says nothing about the other's.
         """
+        switched = self.last_sampled is not None and sampled != self.last_sampled
+        self.last_sampled = sampled
         for i in range(1, self.k_max + 1):
             # At most ``carry_cap`` rounds' worth per position: shadow probes gather many
             # observations, and the last prompt's must not outweigh this one's first few.
             keep = min(self.request_memory, self.carry_cap / max(self.trials[i], 1e-9))
+            keep = 0.0 if switched else keep
             self.trials[i] *= keep
             self.hits[i] *= keep
+        if switched:
+            self.drafting, self.shadow_odds = False, 1.0  # choose() then starts plain
         self.k_cap = self.start_k
         self.request_start = True
 

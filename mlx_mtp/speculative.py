@@ -295,8 +295,9 @@ def _validate(prompt_ids, max_tokens, num_draft_tokens) -> None:
 # machine, acceptance of this pair) stays valid across requests, so only the first
 # request of a pair pays for calibration.  Greedy and sampled requests share one: a
 # controller per kind was tried and measured worse on sampled text the drafter cannot
-# guess (its calibration then rests on the first sampled request alone).  Entries go
-# away with either model.
+# guess (its calibration then rests on the first sampled request alone).  Only the
+# acceptance estimate is per mode: a request in the other mode than the last starts
+# from the prior (see ``start_request``).  Entries go away with either model.
 _CONTROLLERS: Dict[Tuple[int, int], AdaptiveController] = {}
 
 
@@ -457,9 +458,13 @@ def _plain_step(model, drafter, cache, state: RoundState, sampler, depth: int, s
     stats.target_forwards += 1
     stats.record_round(0, 0)
     logits = res.logits[0, -1]
-    tok = sampler(logits).reshape(1).astype(mx.int32)
     if depth and not sampler.greedy:
-        q = mx.minimum(sampler.probs(logits), q).sum()  # acceptance probability
+        # What ``sampler(logits)`` draws from, computed once for the token and the probe.
+        p = sampler.probs(logits)
+        tok, q = sample_from(p), mx.minimum(p, q).sum()  # q: the acceptance probability
+    else:
+        tok = sampler(logits)
+    tok = tok.reshape(1).astype(mx.int32)
     mx.async_eval(tok, *([q] if depth else []))
     return RoundState(tok, res.hidden), q
 
@@ -521,7 +526,7 @@ def _mtp_steps(
 ) -> Iterator[Tuple[int, bool]]:
     """Speculative decoding: rounds of draft + verify (or plain bursts when k = 0)."""
     stats.mtp = True
-    controller.start_request()
+    controller.start_request(sampled=not sampler.greedy)
     first = state.token.item()
     yield first, False
     if first in stop_ids:

@@ -169,6 +169,32 @@ def test_a_request_after_plain_steps_starts_plain_and_shadow_probes():
     assert ctrl.choose() > 0
 
 
+def test_a_request_in_the_other_sampling_mode_starts_plain_without_the_last_ones_acceptance():
+    """Greedy requests whose drafts always pass say nothing about a sampled one (drafts pass
+    there with probability sum(min(p, q))): it opens with shadow probes, not a drafting
+    round, and failed probes keep it plain.  Back in greedy mode, easy text drafts again."""
+    ctrl = AdaptiveController(k_max=8)
+    verify = lambda m: 10.0 + 2.0 * m  # noqa: E731
+    simulate(ctrl, 150, 1.0, verify, 0.3, random.Random(12))
+    ctrl.start_request()  # greedy after greedy: the acceptance carries, drafting at once
+    assert ctrl.choose() > 0
+    ctrl.observe(ctrl.k_cap, ctrl.k_cap)
+    ctrl.start_request(sampled=True)
+    assert ctrl.acceptance()[0] == pytest.approx(ctrl.prior_acceptance)
+    assert ctrl.choose() == 0
+    burst = ctrl.plain_burst()
+    assert burst.probes >= 1
+    for _ in range(burst.probes):
+        ctrl.observe_shadow(burst.depth, 0.0)
+    assert ctrl.choose() == 0
+    ctrl.start_request(sampled=False)
+    assert ctrl.choose() == 0  # the switch back opens with probes too
+    burst = ctrl.plain_burst()
+    for _ in range(burst.probes):
+        ctrl.observe_shadow(burst.depth, burst.depth)
+    assert ctrl.choose() > 0
+
+
 def test_a_request_skips_start_probes_that_could_not_change_its_start():
     """Verifying costs nearly a step per token: after text the drafter cannot guess, even
     two passed start probes would leave drafting unpaid, so a new request does not spend
