@@ -326,8 +326,8 @@ class AdaptiveController:
         for i in range(1, self.k_max + 1):
             # At most ``carry_cap`` rounds' worth per position: shadow probes gather many
             # observations, and the last prompt's must not outweigh this one's first few.
-            keep = min(self.request_memory, self.carry_cap / max(self.trials[i], 1e-9))
-            keep = 0.0 if switched else keep
+            cap = self.carry_cap / max(self.trials[i], 1e-9)
+            keep = 0.0 if switched else min(self.request_memory, cap)
             self.trials[i] *= keep
             self.hits[i] *= keep
         if switched:
