@@ -410,9 +410,15 @@ class AdaptiveController:
         would cost more than ``max_probe_share`` of the plain steps' time.  However often
         the probes pass or drafting stopped, this bounds what they can lose on text where
         drafting never pays (4-bit weights on a CPU: a 3-draft probe costs most of a step)."""
+        cost = self._probe_cost(depth)
+        return 1 if cost is None else math.ceil(cost / self.max_probe_share)
+
+    def _probe_cost(self, depth: int) -> Optional[float]:
+        """The drafter time of a probe of ``depth`` drafts, in plain steps (None until both
+        are measured): what the probe spacing and the opening runs are budgeted in."""
         if not self.draft_cost or not self.plain_cost:
-            return 1
-        return math.ceil(depth * self.draft_cost / (self.max_probe_share * self.plain_cost))
+            return None
+        return depth * self.draft_cost / self.plain_cost
 
     def _start_plain(self) -> None:
         """This request starts plain: its first bursts are its opening probes."""
@@ -449,10 +455,10 @@ class AdaptiveController:
 
     def _probe_run_length(self, depth: int) -> int:
         """The most probes of ``depth`` drafts an opening run may take (see _opening_probes)."""
-        if not self.draft_cost or not self.plain_cost:
+        cost = self._probe_cost(depth)
+        if cost is None:
             return self.max_probe_run
-        n = self.probe_run_budget * self.plain_cost / (depth * self.draft_cost)
-        return min(self.max_probe_run, int(n))
+        return min(self.max_probe_run, int(self.probe_run_budget / cost))
 
     def shadow_depth(self) -> int:
         """Drafts per shadow probe: the fewest whose round would beat plain steps (by the
@@ -469,11 +475,11 @@ class AdaptiveController:
         """Plain steps per shadow probe of ``depth`` drafts (default ``shadow_depth()``), so
         that the drafter steps they add stay within ``shadow_budget`` of the plain steps' time,
         scaled by ``probe_value()`` (as are the most steps between probes)."""
-        if self.draft_cost is None or self.plain_cost is None:
+        cost = self._probe_cost(self.shadow_depth() if depth is None else depth)
+        if cost is None:
             return self.min_shadow_interval
-        depth = self.shadow_depth() if depth is None else depth
         value = self.probe_value()
-        steps = depth * self.draft_cost / (value * self.shadow_budget * self.plain_cost)
+        steps = cost / (value * self.shadow_budget)
         return int(min(self.max_shadow_interval / value, max(self.min_shadow_interval, steps)))
 
     def probe_value(self) -> float:
