@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -156,30 +156,70 @@ class TargetOutput:
     shared_kv: Optional[Dict[str, Tuple[mx.array, mx.array]]] = None
 
 
-def _rope_fn(params: Dict[str, Any], head_dim: int):
-    """Return ``f(x, offset)`` applying this layer type's RoPE (rotate-half)."""
-    rope_type = params.get("rope_type", "default")
-    base = float(params.get("rope_theta", 10000.0))
-    factor = float(params.get("factor", 1.0) or 1.0)
-    if rope_type not in ("default", "proportional", "linear"):
-        raise ModelConfigError(
-            f"unsupported rope_type {rope_type!r} (supported: default, proportional)"
-        )
-    partial = float(params.get("partial_rotary_factor", 1.0))
-    if rope_type == "proportional":
-        # Frequencies use the full head dim; pairs beyond the rotated part get angle 0.
-        rotated = 2 * int(partial * head_dim / 2)
-        exps = mx.arange(0, rotated, 2, dtype=mx.float32) / head_dim
-        freqs = mx.concatenate(
-            [factor * (base**exps), mx.full(((head_dim - rotated) // 2,), mx.inf)]
-        )
-        return lambda x, offset: mx.fast.rope(
-            x, head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs
-        )
-    dims = int(head_dim * partial)
-    return lambda x, offset: mx.fast.rope(
-        x, dims, traditional=False, base=base, scale=1.0 / factor, offset=offset
-    )
+class Rope:
+    """A layer type's RoPE (rotate-half), ``rope(x, offset)`` on ``[B, H, S, D]``.
+
+    An ``int`` offset runs ``mx.fast.rope``.  An array offset (a scalar position, one
+    query) takes a table path built from plain ops, which ``mx.compile(shapeless=True)``
+    can trace once for every KV length (``mx.fast.rope`` with an array offset cannot):
+    the compiled drafter step uses it.
+    """
+
+    def __init__(self, params: Dict[str, Any], head_dim: int):
+        rope_type = params.get("rope_type", "default")
+        base = float(params.get("rope_theta", 10000.0))
+        factor = float(params.get("factor", 1.0) or 1.0)
+        if rope_type not in ("default", "proportional", "linear"):
+            raise ModelConfigError(
+                f"unsupported rope_type {rope_type!r} (supported: default, proportional)"
+            )
+        partial = float(params.get("partial_rotary_factor", 1.0))
+        self.head_dim, self.base, self.scale, self.freqs = head_dim, base, 1.0 / factor, None
+        if rope_type == "proportional":
+            # Frequencies use the full head dim; pairs beyond the rotated part get angle 0.
+            rotated = 2 * int(partial * head_dim / 2)
+            exps = mx.arange(0, rotated, 2, dtype=mx.float32) / head_dim
+            inf = mx.full(((head_dim - rotated) // 2,), mx.inf)
+            self.freqs = mx.concatenate([factor * (base**exps), inf])
+            self.dims, self.base, self.scale = head_dim, None, 1.0
+        else:
+            self.dims = int(head_dim * partial)
+        self._tables: Optional[Tuple[mx.array, mx.array]] = None  # see build_tables
+
+    def __call__(self, x: mx.array, offset: Union[int, mx.array]) -> mx.array:
+        if isinstance(offset, int):
+            return mx.fast.rope(
+                x,
+                self.dims,
+                traditional=False,
+                base=self.base,
+                scale=self.scale,
+                offset=offset,
+                freqs=self.freqs,
+            )
+        if self._tables is None:
+            raise RuntimeError("Rope.build_tables() must run before an array offset is used")
+        inv_freq, rotate_half = self._tables
+        angle = offset.astype(mx.float32) * inv_freq
+        out = x * mx.cos(angle) + (x @ rotate_half.astype(x.dtype)) * mx.sin(angle)
+        return out.astype(x.dtype)
+
+    def build_tables(self) -> None:
+        """Per-dim inverse frequencies (0 past the rotated dims) and the rotate-half matrix
+        of the array path: only layers that run it (the drafter's) hold them, built
+        outside any compiled trace."""
+        half, d = self.dims // 2, self.head_dim
+        if self.freqs is not None:
+            inv = 1.0 / self.freqs[:half]
+        else:
+            inv = self.scale / (
+                self.base ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims)
+            )
+        rot = [[0.0] * d for _ in range(d)]
+        for j in range(half):  # out[j] = -x[j + half], out[j + half] = x[j]
+            rot[j + half][j], rot[j][j + half] = -1.0, 1.0
+        self._tables = (mx.concatenate([inv, inv, mx.zeros((d - self.dims,))]), mx.array(rot))
+        mx.eval(self._tables)
 
 
 class RMSNorm(nn.Module):
@@ -227,7 +267,7 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
-        self.rope = _rope_fn(cfg.rope_parameters.get(self.layer_type, {}), d)
+        self.rope = Rope(cfg.rope_parameters.get(self.layer_type, {}), d)
 
     def project_kv(self, x: mx.array, offset: int) -> Tuple[mx.array, mx.array]:
         b, s, _ = x.shape

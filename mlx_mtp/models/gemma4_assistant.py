@@ -11,7 +11,7 @@ output afterwards) and returns draft logits and the next hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -92,8 +92,13 @@ class Drafter(nn.Module):
         self.pre_projection = nn.Linear(2 * cfg.backbone_hidden_size, t.hidden_size, bias=False)
         self.post_projection = nn.Linear(t.hidden_size, cfg.backbone_hidden_size, bias=False)
         self.model = _DrafterBody(t)
+        for layer in self.model.layers:
+            layer.self_attn.rope.build_tables()  # the compiled step's RoPE (see _compiled)
         if cfg.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedding(cfg)
+        # The layer types whose K/V the body reads, in the order the compiled step takes them.
+        self._kv_types = sorted(set(cfg.text.layer_types))
+        self._steps: Dict[Tuple, Callable] = {}  # (head, query shape) -> compiled step
 
     @property
     def layer_types(self):
@@ -114,8 +119,7 @@ class Drafter(nn.Module):
         with the centroid head, tokens outside the selected clusters get
         ``-inf``) and the next hidden ``[B, 1, Hb]``.
         """
-        z = self.hidden(token_embedding, hidden, shared_kv, position)
-        return self.logits(z), self.post_projection(z)
+        return self._run("logits", token_embedding, hidden, shared_kv, position)
 
     def greedy_step(
         self, token_embedding, hidden, shared_kv, position
@@ -124,19 +128,53 @@ class Drafter(nn.Module):
 
         Returns the draft token ids ``[B, 1]`` and the next hidden ``[B, 1, Hb]``.
         """
-        z = self.hidden(token_embedding, hidden, shared_kv, position)
-        return self.greedy_token(z), self.post_projection(z)
+        return self._run("greedy_token", token_embedding, hidden, shared_kv, position)
 
     def hidden(self, token_embedding, hidden, shared_kv, position) -> mx.array:
         """Final-norm output of the drafter body (before the heads)."""
-        x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
+        return self._run("hidden", token_embedding, hidden, shared_kv, position)
+
+    def _run(self, head: str, token_embedding, hidden, shared_kv, position):
+        """One step through ``head``: "hidden" returns the body's final-norm output;
+        "logits" or "greedy_token" return that head's output and the next hidden."""
         window = self.args.sliding_window
-        for layer in self.model.layers:
-            keys, values = shared_kv[layer.self_attn.layer_type]
-            if layer.self_attn.layer_type == SLIDING:
+        kv = []
+        for layer_type in self._kv_types:
+            keys, values = shared_kv[layer_type]
+            if layer_type == SLIDING:
                 # HF's flipped bidirectional window: the last W+1 supplied entries.
                 keys, values = keys[..., -(window + 1) :, :], values[..., -(window + 1) :, :]
-            x, _ = layer(x, position, shared_kv=(keys, values), masked=False)
+            kv += [keys, values]
+        body = self._compiled("body", token_embedding.shape[:2])
+        z = body(token_embedding, hidden, mx.array(position, dtype=mx.int32), *kv)
+        if head == "hidden":
+            return z
+        out = self._compiled(head, token_embedding.shape[:2])(z)
+        return out, self.post_projection(z)
+
+    def _compiled(self, part: str, query_shape: Tuple[int, ...]) -> Callable:
+        """``_body`` (``part`` "body") or a head (the method of that name), compiled for
+        one query shape.
+
+        The drafter runs several small steps per round (and one per shadow probe), and
+        on small layers their cost is mostly per-operation overhead: fused, a step costs
+        about half.  The body is ``shapeless``, so one trace serves every KV length (the
+        reshapes inside are fixed by the query shape, hence one trace per query shape);
+        the heads' shapes are fixed by it.  ``inputs`` makes them read the current
+        weights, not those of their first call.
+        """
+        key = (part, *query_shape)
+        if key not in self._steps:
+            fn = self._body if part == "body" else getattr(self, part)
+            self._steps[key] = mx.compile(fn, inputs=self.state, shapeless=part == "body")
+        return self._steps[key]
+
+    def _body(self, token_embedding, hidden, position, *kv) -> mx.array:
+        """The body's final-norm output; ``kv``: K/V pairs ordered as ``_kv_types``."""
+        shared = dict(zip(self._kv_types, zip(kv[0::2], kv[1::2])))
+        x = self.pre_projection(mx.concatenate([token_embedding, hidden], axis=-1))
+        for layer in self.model.layers:
+            x, _ = layer(x, position, shared_kv=shared[layer.self_attn.layer_type], masked=False)
         return self.model.norm(x)
 
     def greedy_token(self, z: mx.array) -> mx.array:
