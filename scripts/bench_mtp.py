@@ -184,10 +184,11 @@ def bench_dtype(dtype, classes, n, configs, regime, reps):
                     tried[i] += d
                     by_pos[i] += c
             tpf = (a["tokens"] - len(sts)) / max(1, a["rounds"])
-            d_ms = (
-                np.mean([s.draft_step_ms for s in sts if s.timed_draft_steps]) if drafted else 0.0
-            )
-            c = d_ms / plain_step_ms if drafted else 0.0
+            # Drafter cost from split-timed rounds; None where the row drafted but timed none
+            # (auto on text it runs plain: its few rounds are not timed).
+            timed = [s.draft_step_ms for s in sts if s.timed_draft_steps]
+            d_ms = float(np.mean(timed)) if timed else (None if drafted else 0.0)
+            c = None if d_ms is None else d_ms / plain_step_ms
             kk = (
                 0
                 if k == "plain"
@@ -216,10 +217,12 @@ def bench_dtype(dtype, classes, n, configs, regime, reps):
                         round(float(x), 3)
                         for x in (by_pos / np.maximum(tried, 1))[: int(np.count_nonzero(tried))]
                     ],
-                    "drafter_step_ms": float(d_ms),
+                    "drafter_step_ms": d_ms,
                     "target_step_ms": plain_step_ms,
-                    "drafter_cost_ratio": float(c),
-                    "projected_speedup": float(tpf / (1 + kk * c)) if k != "plain" else 1.0,
+                    "drafter_cost_ratio": c,
+                    "projected_speedup": (
+                        1.0 if k == "plain" else None if c is None else float(tpf / (1 + kk * c))
+                    ),
                     "peak_memory_bytes": a["peak"],
                     "drafter_bytes": drafter_bytes,
                     "identical_to_plain": f"{a['same']}/{len(plist) * reps}"

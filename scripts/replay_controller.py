@@ -106,7 +106,7 @@ def cost_curves(bench: dict) -> Dict[tuple, Dict]:
             c["round"][0] = 1.0 / r["tps"]
             continue
         c["round"][r["k"]] = r["tokens_per_target_forward"] / r["tps"]
-        c["draft"] = max(c["draft"], r["drafter_step_ms"] / 1e3)
+        c["draft"] = max(c["draft"], (r["drafter_step_ms"] or 0.0) / 1e3)
         if kind == "sampled" and r["k"] == K_MAX:
             reach = [1.0] + list(r["acceptance_by_position"])  # P(draft i accepted)
             cond = [min(1.0, b / a) if a > 0 else 0.0 for a, b in zip(reach, reach[1:])]
