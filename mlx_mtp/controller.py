@@ -9,8 +9,9 @@ expected tokens per second, from what it measures during the run:
   (exponentially decayed counts, so it follows a change of regime).
 
 Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``;
-its cost: the observed wall time of rounds with k drafts, smoothed by a line
-fitted through the times of all observed k (for an unobserved k, the lower of
+its cost: the observed wall time of rounds with k drafts in the request's
+sampling mode (sampled rounds cost more than greedy ones, see ``WallTimes``),
+smoothed by a line fitted through the times of all observed k (for an unobserved k, the lower of
 the line and the model ``overhead + k * c_draft + T(k + 1)`` from split-timed
 rounds).  k = 0 is a plain decoding step.  Drafting gives way to it only when
 plain steps are estimated faster, but it gives way to drafting only when
@@ -35,7 +36,7 @@ other sampling mode (greedy, sampled) than the last starts plain, from the prior
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Protocol, Set, Tuple, Union
 
 
@@ -46,6 +47,42 @@ class RoundTiming:
     draft: float = 0.0
     verify: float = 0.0
     total: float = 0.0
+
+
+@dataclass
+class WallTimes:
+    """Wall times observed in one sampling mode.  Sampled rounds also build and sample
+    from the drafter's and the target's distributions, which greedy rounds do not, and a
+    sampled plain step pays only its own share of that: on the shared pair a sampled round
+    costs about 10% more than a greedy one, a sampled plain step 5%.  Priced with one
+    mode's rounds and the other's plain steps, drafting on sampled text looks cheaper than
+    it is, and a close call is lost."""
+
+    plain: Optional[float] = None  # seconds per pipelined plain step
+    rounds: Dict[int, float] = field(default_factory=dict)  # k -> seconds of a whole round
+    seen: Set[int] = field(default_factory=set)  # k whose first (allocating) round was dropped
+    n: Dict[int, int] = field(default_factory=dict)  # k -> rounds observed (capped): weights
+    _line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
+
+    def observe(self, k: int, seconds: float, max_weight: int) -> None:
+        """A whole round with k drafts took ``seconds`` (the first one at each k is dropped)."""
+        if k in self.seen:
+            self.rounds[k] = _ema(self.rounds.get(k), seconds, 0.2)
+            self.n[k] = min(self.n.get(k, 0) + 1, max_weight)
+            self._line = None
+        self.seen.add(k)
+
+    def line(self) -> Optional[Tuple[float, float]]:
+        """(intercept, slope) of round time against k, weighted least squares; None below two k."""
+        if self._line is None and len(self.rounds) >= 2:
+            pts = [(k, t, self.n[k]) for k, t in self.rounds.items()]
+            sw = sum(w for _, _, w in pts)
+            mk = sum(w * k for k, _, w in pts) / sw
+            mt = sum(w * t for _, t, w in pts) / sw
+            var = sum(w * (k - mk) ** 2 for k, _, w in pts)
+            slope = sum(w * (k - mk) * (t - mt) for k, t, w in pts) / var
+            self._line = (mt - slope * mk, slope)
+        return self._line
 
 
 class PlainBurst(NamedTuple):
@@ -189,13 +226,10 @@ class AdaptiveController:
         self.hits = [0.0] * (k_max + 1)
         self.draft_cost: Optional[float] = None  # seconds per drafter step
         self.verify_cost: Dict[int, float] = {}  # tokens verified -> seconds
-        self.plain_cost: Optional[float] = None  # seconds per pipelined plain step
         self.overhead = 0.0  # seconds per round outside drafting and verifying
         self.overhead_n = 0
-        self.round_cost: Dict[int, float] = {}  # k -> seconds of a whole round, as observed
-        self.round_seen: Set[int] = set()  # k whose first (allocating) round was dropped
-        self.round_n: Dict[int, int] = {}  # k -> rounds observed (capped): weights of the line
-        self._line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
+        # Observed wall times per sampling mode (False: greedy, True: sampled).
+        self.walls: Dict[bool, WallTimes] = {False: WallTimes(), True: WallTimes()}
         self.rounds = 0
         self.request_start = False  # no choice made yet in this request
         self.last_sampled: Optional[bool] = None  # the last request's mode (None: no request yet)
@@ -264,35 +298,55 @@ class AdaptiveController:
         """
         if k == 0 and self.plain_cost is not None:
             return self.plain_cost
-        line = self._round_line()
+        own, other = self._walls()
+        if own.line() is not None or not other.rounds:
+            return self._round_time_in(own, k)
+        # This mode has too few rounds of its own for a line: the other mode's times,
+        # scaled by how the two modes' costs compare where both were measured.
+        return self._mode_scale(own, other) * self._round_time_in(other, k)
+
+    def _round_time_in(self, walls: "WallTimes", k: int) -> float:
+        """``round_time(k)`` (k > 0) from the wall times of one mode (see round_time)."""
+        line = walls.line()
         if line is None:
-            if k in self.round_cost:
-                return self.round_cost[k]
+            if k in walls.rounds:
+                return walls.rounds[k]
             model = self.model_round_time(k)
-            if not self.round_cost:
+            if not walls.rounds:
                 return model
-            near = min(self.round_cost, key=lambda j: abs(j - k))
-            return min(model, model * self.round_cost[near] / self.model_round_time(near))
+            near = min(walls.rounds, key=lambda j: abs(j - k))
+            return min(model, model * walls.rounds[near] / self.model_round_time(near))
         fitted = max(1e-9, line[0] + line[1] * k)
-        if k in self.round_cost:
+        if k in walls.rounds:
             # The line may pull a rarely seen k's time down (optimism: choosing it measures
             # it again), never up: at k = 0 no rounds run, so a k priced too high would
             # never be measured again.
-            n, seen = self.round_n[k], self.round_cost[k]
+            n, seen = walls.n[k], walls.rounds[k]
             return min(seen, (n * seen + self.line_weight * fitted) / (n + self.line_weight))
         return min(self.model_round_time(k), fitted)
 
-    def _round_line(self) -> Optional[Tuple[float, float]]:
-        """(intercept, slope) of round time against k, weighted least squares; None below two k."""
-        if self._line is None and len(self.round_cost) >= 2:
-            pts = [(k, t, self.round_n[k]) for k, t in self.round_cost.items()]
-            sw = sum(w for _, _, w in pts)
-            mk = sum(w * k for k, _, w in pts) / sw
-            mt = sum(w * t for _, t, w in pts) / sw
-            var = sum(w * (k - mk) ** 2 for k, _, w in pts)
-            slope = sum(w * (k - mk) * (t - mt) for k, t, w in pts) / var
-            self._line = (mt - slope * mk, slope)
-        return self._line
+    @staticmethod
+    def _mode_scale(own: "WallTimes", other: "WallTimes") -> float:
+        """Round time in this mode relative to the other: from rounds at a k both measured,
+        else from their plain steps, else 1."""
+        common = [k for k in own.rounds if k in other.rounds]
+        if common:
+            return sum(own.rounds[k] for k in common) / sum(other.rounds[k] for k in common)
+        if own.plain and other.plain:
+            return own.plain / other.plain
+        return 1.0
+
+    def _walls(self) -> Tuple["WallTimes", "WallTimes"]:
+        """(this request's mode's wall times, the other mode's)."""
+        sampled = bool(self.last_sampled)
+        return self.walls[sampled], self.walls[not sampled]
+
+    @property
+    def plain_cost(self) -> Optional[float]:
+        """Seconds per pipelined plain step in this request's sampling mode (the other
+        mode's until this one's is measured)."""
+        own, other = self._walls()
+        return own.plain if own.plain is not None else other.plain
 
     def model_round_time(self, k: int) -> float:
         """The split-timing model of a round: overhead + k drafter steps + verifying k + 1."""
@@ -542,7 +596,8 @@ class AdaptiveController:
         price."""
         if steps >= 2:
             seconds -= drafter_steps * (self.draft_cost or 0.0)
-            self.plain_cost = _ema(self.plain_cost, max(seconds, 1e-9) / steps)
+            own = self._walls()[0]
+            own.plain = _ema(own.plain, max(seconds, 1e-9) / steps)
 
     def observe_shadow(self, drafted: int, accepted: float) -> None:
         """A shadow probe: ``drafted`` drafts at a plain step, scored against the target's
@@ -620,16 +675,13 @@ class AdaptiveController:
     def observe_round_time(self, k: int, seconds: float) -> None:
         """Wall time of a whole round (every round: it costs no extra synchronisation).
 
-        Observed totals beat the cost model where there are any; the first round at
-        each k is dropped (new shapes allocate), as are warm-up rounds.
+        Observed totals beat the cost model where there are any; they are kept per
+        sampling mode (see ``WallTimes``).  The first round at each k is dropped (new
+        shapes allocate), as are warm-up rounds.
         """
         if self.rounds <= self.warmup_rounds:
             return
-        if k in self.round_seen:
-            self.round_cost[k] = _ema(self.round_cost.get(k), seconds, 0.2)
-            self.round_n[k] = min(self.round_n.get(k, 0) + 1, self.max_round_weight)
-            self._line = None
-        self.round_seen.add(k)
+        self._walls()[0].observe(k, seconds, self.max_round_weight)
 
     def wants_timing(self) -> bool:
         r = self.rounds

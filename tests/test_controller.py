@@ -549,6 +549,55 @@ def _request(ctrl, n_tokens, accept, verify, draft_cost=0.3):
     return ks
 
 
+def _mode_request(ctrl, sampled, n_tokens, accept_p, rng):
+    """One request in a sampling mode on a machine where sampled rounds cost far more than
+    greedy ones (each draft and the verify build distributions), while a sampled plain step
+    costs only a little more.  Returns the share of tokens that came from drafting rounds."""
+    plain_step, draft_cost, verify = (
+        (1.1, 0.2, lambda m: 1.6 + 0.1 * m) if sampled else (1.0, 0.1, lambda m: 0.8 + 0.1 * m)
+    )
+    ctrl.start_request(sampled=sampled)
+    produced, from_rounds = 1, 0
+    while produced < n_tokens:
+        remaining = n_tokens - produced
+        k = min(ctrl.choose(), remaining - 1)
+        if k <= 0:
+            passes = lambda: rng.random() < accept_p  # noqa: E731
+            produced += plain(ctrl, passes, lambda m: plain_step, draft_cost, remaining)[0]
+            continue
+        n = 0
+        while n < k and rng.random() < accept_p:
+            n += 1
+        timed = ctrl.wants_timing()
+        ctrl.observe(k, n)
+        total = k * draft_cost + verify(k + 1)
+        ctrl.observe_round_time(k, total)
+        if timed:
+            ctrl.observe_cost(k, RoundTiming(k * draft_cost, verify(k + 1), total))
+        produced += n + 1
+        from_rounds += n + 1
+    return from_rounds / produced
+
+
+def test_round_costs_are_kept_per_sampling_mode():
+    """Greedy and sampled requests alternate at acceptance 0.5.  Greedy, a 2-draft round
+    costs 1.3 plain steps and drafting pays ~35%; sampled, it costs 2.3 of the dearer
+    sampled steps and plain steps win by ~15% (break-even: acceptance 0.74).  With one
+    table of round times for both modes, each mode is priced with the other's rounds:
+    greedy requests stop drafting after sampled ones (and, where greedy rounds dominate
+    the table, sampled requests draft at a loss)."""
+    for seed in range(3):
+        rng = random.Random(seed)
+        ctrl = AdaptiveController()
+        shares = {False: [], True: []}
+        for i in range(12):
+            sampled = i % 2 == 1
+            shares[sampled].append(_mode_request(ctrl, sampled, 160, 0.5, rng))
+        # Past each mode's first request (its costs not yet measured in that mode):
+        assert sum(shares[False][1:]) / 5 > 0.9, shares
+        assert sum(shares[True][1:]) / 5 < 0.2, shares
+
+
 def test_short_requests_still_probe():
     """A long-lived app sends short requests (32 tokens).  Once drafting clearly lost, every
     request must still measure acceptance, or drafting never resumes for the life of the
