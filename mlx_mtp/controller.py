@@ -11,8 +11,8 @@ expected tokens per second, from what it measures during the run:
 Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``;
 its cost: the observed wall time of rounds with k drafts in the request's
 sampling mode (sampled rounds cost more than greedy ones, see ``WallTimes``),
-smoothed by a line fitted through the times of all observed k (for an unobserved k, the lower of
-the line and the model ``overhead + k * c_draft + T(k + 1)`` from split-timed
+smoothed by a line fitted through the times of all observed k (for an
+unobserved k, the lower of the line and the model ``overhead + k * c_draft + T(k + 1)`` from split-timed
 rounds).  k = 0 is a plain decoding step.  Drafting gives way to it only when
 plain steps are estimated faster, but it gives way to drafting only when
 drafting is estimated ``draft_margin`` faster (hysteresis: drafting keeps
@@ -305,7 +305,7 @@ class AdaptiveController:
         # scaled by how the two modes' costs compare where both were measured.
         return self._mode_scale(own, other) * self._round_time_in(other, k)
 
-    def _round_time_in(self, walls: "WallTimes", k: int) -> float:
+    def _round_time_in(self, walls: WallTimes, k: int) -> float:
         """``round_time(k)`` (k > 0) from the wall times of one mode (see round_time)."""
         line = walls.line()
         if line is None:
@@ -326,7 +326,7 @@ class AdaptiveController:
         return min(self.model_round_time(k), fitted)
 
     @staticmethod
-    def _mode_scale(own: "WallTimes", other: "WallTimes") -> float:
+    def _mode_scale(own: WallTimes, other: WallTimes) -> float:
         """Round time in this mode relative to the other: from rounds at a k both measured,
         else from their plain steps, else 1."""
         common = [k for k in own.rounds if k in other.rounds]
@@ -336,7 +336,7 @@ class AdaptiveController:
             return own.plain / other.plain
         return 1.0
 
-    def _walls(self) -> Tuple["WallTimes", "WallTimes"]:
+    def _walls(self) -> Tuple[WallTimes, WallTimes]:
         """(this request's mode's wall times, the other mode's)."""
         sampled = bool(self.last_sampled)
         return self.walls[sampled], self.walls[not sampled]

@@ -598,6 +598,31 @@ def test_round_costs_are_kept_per_sampling_mode():
         assert sum(shares[True][1:]) / 5 < 0.2, shares
 
 
+def test_a_mode_without_rounds_of_its_own_borrows_the_others_scaled():
+    """Before sampled rounds are timed, sampled requests price rounds from the greedy ones,
+    scaled first by the modes' plain steps, then by a k timed in both."""
+    ctrl = AdaptiveController(warmup_rounds=0)
+    ctrl.start_request(sampled=False)
+    ctrl.observe_plain(10, 10.0)
+    for k, t in ((2, 1.3), (4, 1.7)):
+        for _ in range(2):  # the first round at each k is dropped
+            ctrl.observe(k, k)
+            ctrl.observe_round_time(k, t)
+    greedy = [ctrl.round_time(k) for k in range(1, 9)]
+    ctrl.start_request(sampled=True)
+    assert ctrl.round_time(2) == pytest.approx(1.3)  # nothing sampled measured yet
+    ctrl.observe_plain(10, 11.0)
+    assert ctrl.round_time(0) == pytest.approx(1.1)
+    assert [ctrl.round_time(k) for k in range(1, 9)] == pytest.approx([1.1 * t for t in greedy])
+    for _ in range(2):
+        ctrl.observe(2, 2)
+        ctrl.observe_round_time(2, 1.56)  # 1.2x the greedy round at k = 2
+    assert [ctrl.round_time(k) for k in range(1, 9)] == pytest.approx([1.2 * t for t in greedy])
+    ctrl.start_request(sampled=False)  # greedy prices are its own, untouched
+    assert ctrl.round_time(0) == pytest.approx(1.0)
+    assert [ctrl.round_time(k) for k in range(1, 9)] == pytest.approx(greedy)
+
+
 def test_short_requests_still_probe():
     """A long-lived app sends short requests (32 tokens).  Once drafting clearly lost, every
     request must still measure acceptance, or drafting never resumes for the life of the
