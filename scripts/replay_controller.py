@@ -138,7 +138,7 @@ def replay_request(
     kind = "greedy" if trace is not None else "sampled"
     if ctrl is None:
         return machine.seconds(kind, 0, n_tokens - 1)
-    ctrl.start_request()
+    ctrl.start_request(sampled=trace is None)
     produced, total = 1, 0.0
     while produced < n_tokens:
         remaining = n_tokens - produced
