@@ -35,17 +35,25 @@ def simulate(ctrl, rounds, accept_p, verify_cost, draft_cost, rng):
             plain(ctrl, lambda: rng.random() < accept_p, verify_cost, draft_cost)
             ks.append(0)
             continue
-        n = 0
-        while n < k and rng.random() < accept_p:
-            n += 1
-        timed = ctrl.wants_timing()
-        ctrl.observe(k, n)
-        total = k * draft_cost + verify_cost(k + 1) + 0.5
-        ctrl.observe_round_time(k, total)
-        if timed:
-            ctrl.observe_cost(k, RoundTiming(k * draft_cost, verify_cost(k + 1), total))
+        draft_round(ctrl, k, lambda: rng.random() < accept_p, verify_cost, draft_cost, 0.5)
         ks.append(k)
     return ks
+
+
+def draft_round(ctrl, k, passes, verify_cost, draft_cost, overhead):
+    """One drafting round of k drafts, each passing while ``passes()``; tells the controller
+    its acceptance and time (split-timed when it asks) as ``mtp_round`` would.  Returns the
+    drafts accepted."""
+    n = 0
+    while n < k and passes():
+        n += 1
+    timed = ctrl.wants_timing()
+    ctrl.observe(k, n)
+    total = k * draft_cost + verify_cost(k + 1) + overhead
+    ctrl.observe_round_time(k, total)
+    if timed:
+        ctrl.observe_cost(k, RoundTiming(k * draft_cost, verify_cost(k + 1), total))
+    return n
 
 
 def tail_mode(ks, last=100):
@@ -561,19 +569,11 @@ def _mode_request(ctrl, sampled, n_tokens, accept_p, rng):
     while produced < n_tokens:
         remaining = n_tokens - produced
         k = min(ctrl.choose(), remaining - 1)
+        passes = lambda: rng.random() < accept_p  # noqa: E731
         if k <= 0:
-            passes = lambda: rng.random() < accept_p  # noqa: E731
             produced += plain(ctrl, passes, lambda m: plain_step, draft_cost, remaining)[0]
             continue
-        n = 0
-        while n < k and rng.random() < accept_p:
-            n += 1
-        timed = ctrl.wants_timing()
-        ctrl.observe(k, n)
-        total = k * draft_cost + verify(k + 1)
-        ctrl.observe_round_time(k, total)
-        if timed:
-            ctrl.observe_cost(k, RoundTiming(k * draft_cost, verify(k + 1), total))
+        n = draft_round(ctrl, k, passes, verify, draft_cost, 0.0)
         produced += n + 1
         from_rounds += n + 1
     return from_rounds / produced
