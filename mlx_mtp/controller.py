@@ -12,8 +12,8 @@ Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``;
 its cost: the observed wall time of rounds with k drafts in the request's
 sampling mode (sampled rounds cost more than greedy ones, see ``WallTimes``),
 smoothed by a line fitted through the times of all observed k (for an
-unobserved k, the lower of the line and the model ``overhead + k * c_draft + T(k + 1)`` from split-timed
-rounds).  k = 0 is a plain decoding step.  Drafting gives way to it only when
+unobserved k, the lower of the line and the model
+``overhead + k * c_draft + T(k + 1)`` from split-timed rounds).  k = 0 is a plain decoding step.  Drafting gives way to it only when
 plain steps are estimated faster, but it gives way to drafting only when
 drafting is estimated ``draft_margin`` faster (hysteresis: drafting keeps
 measuring acceptance, plain steps do not).  While at k = 0, the controller
