@@ -13,7 +13,8 @@ its cost: the observed wall time of rounds with k drafts in the request's
 sampling mode (sampled rounds cost more than greedy ones, see ``WallTimes``),
 smoothed by a line fitted through the times of all observed k (for an
 unobserved k, the lower of the line and the model
-``overhead + k * c_draft + T(k + 1)`` from split-timed rounds).  k = 0 is a plain decoding step.  Drafting gives way to it only when
+``overhead + k * c_draft + T(k + 1)`` from split-timed rounds).  k = 0 is a plain
+decoding step.  Drafting gives way to it only when
 plain steps are estimated faster, but it gives way to drafting only when
 drafting is estimated ``draft_margin`` faster (hysteresis: drafting keeps
 measuring acceptance, plain steps do not).  While at k = 0, the controller
@@ -31,6 +32,9 @@ request that follows plain decoding starts plain, its first steps shadow-probed 
 drafting pays only near-perfect acceptance, one step in every few while the probes
 pass); one that follows drafting starts at most ``start_k`` deep.  A request in the
 other sampling mode (greedy, sampled) than the last starts plain, from the prior.
+Only rounds measure round times: after a long plain run, if plain steps have got
+cheaper since rounds were last timed (the machine was slow then), one round runs to
+re-measure, and it re-scales every k's time.
 """
 
 from __future__ import annotations
@@ -63,14 +67,24 @@ class WallTimes:
     seen: Set[int] = field(default_factory=set)  # k whose first (allocating) round was dropped
     n: Dict[int, int] = field(default_factory=dict)  # k -> rounds observed (capped): weights
     _line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
+    plain_at_rounds: Optional[float] = None  # ``plain`` when a round was last timed
 
     def observe(self, k: int, seconds: float, max_weight: int) -> None:
         """A whole round with k drafts took ``seconds`` (the first one at each k is dropped)."""
+        self.plain_at_rounds = self.plain
         if k in self.seen:
             self.rounds[k] = _ema(self.rounds.get(k), seconds, 0.2)
             self.n[k] = min(self.n.get(k, 0) + 1, max_weight)
             self._line = None
         self.seen.add(k)
+
+    def rescale(self, ratio: float, weight: float) -> None:
+        """A round took ``ratio`` times its k's recorded time: move every k's time that way
+        (by ``ratio ** weight``, at most 1.5x either way: one round's time is noisy)."""
+        factor = min(1.5, max(1 / 1.5, ratio**weight))
+        self.rounds = {k: factor * t for k, t in self.rounds.items()}
+        self._line = None
+        self.plain_at_rounds = self.plain
 
     def line(self) -> Optional[Tuple[float, float]]:
         """(intercept, slope) of round time against k, weighted least squares; None below two k."""
@@ -189,6 +203,9 @@ class AdaptiveController:
         max_probe_run: int = 16,
         probe_run_budget: float = 2.0,
         max_probe_share: float = 0.06,
+        remeasure_every: int = 256,
+        remeasure_drop: float = 0.1,
+        stale_weight: float = 0.5,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -201,6 +218,9 @@ class AdaptiveController:
         self.max_probe_run = max_probe_run
         self.probe_run_budget = probe_run_budget
         self.max_probe_share = max_probe_share
+        self.remeasure_every = remeasure_every
+        self.remeasure_drop = remeasure_drop
+        self.stale_weight = stale_weight
         self.max_shadow_odds = max_shadow_odds
         self.min_shadow_odds = min_shadow_odds
         self.full_value_gain = full_value_gain
@@ -237,6 +257,8 @@ class AdaptiveController:
         self.probe_run_failed = False  # a probe of the request's opening run failed
         self.shadow_odds = 1.0  # evidence from shadow probes that acceptance is above the estimate
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
+        self.plain_since_round = 0  # plain steps since the last drafting round
+        self.stale_round = False  # the last round came after remeasure_every plain steps
 
     # -- estimates --------------------------------------------------------
     def acceptance(self) -> List[float]:
@@ -413,7 +435,11 @@ class AdaptiveController:
                 # needs none: drafting rounds keep measuring acceptance, plain steps only
                 # shadow-probe position 1, so a few unlucky rounds on text where drafting
                 # pays would otherwise end it for most of a request.
-                k = 0
+                k = self.remeasure_k()
+                if k > 0:
+                    self.request_start = False
+                    self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
+                    return k  # one round to re-measure its cost, not a resume of drafting
             if k > 0 and not self.drafting:
                 # Drafting resumes: should it stop again, the first plain bursts are short
                 # (their shadow probes come often), as the stop may rest on two or three
@@ -514,6 +540,35 @@ class AdaptiveController:
             return self.max_probe_run
         return min(self.max_probe_run, int(self.probe_run_budget / cost))
 
+    def remeasure_k(self) -> int:
+        """A k to run one drafting round of although plain steps are estimated faster (0:
+        none): when no round ran for ``remeasure_every`` plain steps, plain steps now cost
+        ``remeasure_drop`` less than when rounds were last timed, and drafting could pay were
+        rounds that much cheaper too, the k that would then be best at the estimated
+        acceptance.
+
+        Only rounds measure round times, while plain steps are measured all the time: where
+        the machine was slow while it drafted (another process, the CPU clocking down) and
+        fast again by the time it runs plain steps, rounds stay priced slow against plain
+        steps priced fast, and without a round nothing corrects it.  The round re-scales
+        every k's time (see ``observe_round_time``).
+        """
+        own = self._walls()[0]
+        if (
+            self.plain_since_round < self.remeasure_every
+            or own.plain is None
+            or own.plain_at_rounds is None
+            or own.plain > (1 - self.remeasure_drop) * own.plain_at_rounds
+        ):
+            return 0
+        times = self._round_times()
+        scale = own.plain / own.plain_at_rounds
+        faster = [times[0]] + [scale * t for t in times[1:]]
+        if self._fewest_paying_k(1.0, faster) is None:
+            return 0  # drafting could not pay even then
+        tokens = self._expected_tokens_all()
+        return min(_argmax([tokens[k] / faster[k] for k in range(self.k_max + 1)], 1), self.k_cap)
+
     def shadow_depth(self) -> int:
         """Drafts per shadow probe: the fewest whose round would beat plain steps (by the
         margin) if all passed, else one.
@@ -594,6 +649,7 @@ class AdaptiveController:
         """Plain steps timed in steady state (token read to token read, the pipeline full),
         their wall time and the shadow probes' drafter steps among them: the k = 0 option's
         price."""
+        self.plain_since_round += steps
         if steps >= 2:
             seconds -= drafter_steps * (self.draft_cost or 0.0)
             own = self._walls()[0]
@@ -639,6 +695,8 @@ class AdaptiveController:
     def observe(self, k: int, accepted: int) -> None:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
         self.rounds += 1
+        self.stale_round = self.plain_since_round >= self.remeasure_every
+        self.plain_since_round = 0
         self._record(k, accepted)
         self.k_cap = max(self.k_cap, 2 * accepted)
 
@@ -681,7 +739,13 @@ class AdaptiveController:
         """
         if self.rounds <= self.warmup_rounds:
             return
-        self._walls()[0].observe(k, seconds, self.max_round_weight)
+        walls = self._walls()[0]
+        if self.stale_round and k in walls.rounds:
+            # The first round after a long plain run: the machine's speed may have changed
+            # since rounds were last timed, for every k alike.
+            walls.rescale(seconds / walls.rounds[k], self.stale_weight)
+        else:
+            walls.observe(k, seconds, self.max_round_weight)
 
     def wants_timing(self) -> bool:
         r = self.rounds

@@ -674,3 +674,26 @@ def test_generation_reports_plain_steps_at_each_burst_end(burst, timed):
     assert len(out) == 30
     assert ctrl.ran == timed
     assert ctrl.asked == len(timed)  # once at the start, then at each burst's end
+
+
+def test_rounds_priced_in_a_slow_stretch_are_measured_again():
+    """Verifying costs nearly a plain step per token (4-bit weights on a CPU): drafting at
+    acceptance 0.97 gains ~15%.  The machine runs 1.5x slower for a while (rounds and plain
+    steps alike), and text the drafter cannot guess comes while it does: plain steps.  The
+    machine is fast again, plain steps are re-measured, and easy text is back, but rounds
+    are still priced slow: at those prices drafting cannot pay at any acceptance.  Only
+    rounds measure round times, so a round must run now and then, or the controller stays
+    at plain steps for good."""
+    verify = lambda m: 10.0 + 7.0 * (m - 1)  # noqa: E731
+    slow = lambda m: 1.5 * verify(m)  # noqa: E731
+    for seed in range(4):
+        rng = random.Random(seed)
+        ctrl = AdaptiveController(k_max=8)
+        assert tail_mode(simulate(ctrl, 150, 0.97, verify, 0.3, rng), 50) > 0
+        assert tail_mode(simulate(ctrl, 150, 0.97, slow, 0.45, rng), 50) > 0
+        assert set(simulate(ctrl, 100, 0.1, slow, 0.45, rng)[-20:]) == {0}
+        steps = sum(plain(ctrl, lambda: rng.random() < 0.97, verify, 0.3)[0] for _ in range(4))
+        assert ctrl.break_even_acceptance() > 1.0  # fast plain steps against slow rounds
+        ks = simulate(ctrl, 300, 0.97, verify, 0.3, rng)
+        assert tail_mode(ks, 100) > 0, (seed, steps)
+        assert ctrl.round_time(4) < 1.1 * (4 * 0.3 + verify(5) + 0.5)
