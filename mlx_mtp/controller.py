@@ -259,6 +259,7 @@ class AdaptiveController:
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
         self.plain_since_round = 0  # plain steps since the last drafting round
         self.stale_round = False  # the last round came after remeasure_every plain steps
+        self.remeasures = 0  # rounds run to re-measure round times (see remeasure_k)
 
     # -- estimates --------------------------------------------------------
     def acceptance(self) -> List[float]:
@@ -437,6 +438,7 @@ class AdaptiveController:
                 # pays would otherwise end it for most of a request.
                 k = self.remeasure_k()
                 if k > 0:
+                    self.remeasures += 1
                     self.request_start = False
                     self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
                     return k  # one round to re-measure its cost, not a resume of drafting

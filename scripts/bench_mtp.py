@@ -72,7 +72,9 @@ def load_pair(dtype: str):
     if (
         dtype == "4bit"
     ):  # 4-bit weights, float32 activations (bf16 ones are 5-9x slower on this CPU)
-        pred = lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0  # noqa: E731
+        pred = (
+            lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0
+        )  # noqa: E731
         nn.quantize(target, group_size=64, bits=4, class_predicate=pred)
         nn.quantize(drafter, group_size=64, bits=4, class_predicate=pred)
     mx.eval(target.parameters(), drafter.parameters())
@@ -99,6 +101,22 @@ def run(target, drafter, ids, n, k, temperature=0.0, seed=0):
         )
     ]
     return toks, stats
+
+
+def controller_state(target, drafter) -> dict:
+    """What the pair's adaptive controller believes after a request: plain step and round
+    times (ms), break-even acceptance, acceptance estimate, re-measure rounds so far."""
+    from mlx_mtp.speculative import make_controller
+
+    c = make_controller("auto", target, drafter)
+    times = [c.round_time(k) for k in range(c.k_max + 1)]
+    return {
+        "plain_ms": round(1e3 * times[0], 3),
+        "round_ms": [round(1e3 * t, 2) for t in times[1:]],
+        "break_even": round(c.break_even_acceptance(times), 3),
+        "acceptance": [round(a, 3) for a in c.acceptance()[:4]],
+        "remeasures": c.remeasures,
+    }
 
 
 def nbytes(module) -> int:
@@ -168,6 +186,8 @@ def bench_dtype(dtype, classes, n, configs, regime, reps):
                     a["rep_tps"][rep][0] += st.generation_time
                     a["rep_tps"][rep][1] += st.generation_tokens
                     a["outs"].append((pi, toks))
+                    if k == "auto":
+                        a.setdefault("ctrl", []).append(controller_state(target, drafter))
                     a["peak"] = max(a["peak"], st.peak_memory_bytes)
         for a in acc.values():  # greedy classes: the same tokens as plain decoding?
             a["same"] = sum(int(toks == plain_out[pi]) for pi, toks in a["outs"])
@@ -225,15 +245,19 @@ def bench_dtype(dtype, classes, n, configs, regime, reps):
                     ),
                     "peak_memory_bytes": a["peak"],
                     "drafter_bytes": drafter_bytes,
-                    "identical_to_plain": f"{a['same']}/{len(plist) * reps}"
-                    if cls != "adversarial"
-                    else "n/a (sampled)",
+                    "identical_to_plain": (
+                        f"{a['same']}/{len(plist) * reps}"
+                        if cls != "adversarial"
+                        else "n/a (sampled)"
+                    ),
                     "tps_per_rep": [round(tk / tt, 1) for tt, tk in a["rep_tps"]],
                     "k_counts": k_counts if k == "auto" else None,
                     # Each run on its own (prompt order; repetitions follow each other).
                     "per_run": [
                         {"tps": round(s.generation_tps, 1), "k_counts": s.k_counts} for s in sts
                     ],
+                    # auto: the controller's beliefs after each run (diagnosing an all-plain run)
+                    "controller": a.get("ctrl"),
                 }
             )
         log(f"{dtype} {cls}: plain {plain_tps:.1f} tok/s")
@@ -274,9 +298,9 @@ def hf_rows(classes, n, ks):
                     "class": cls,
                     "k": k,
                     "hf_tps": tokens / tt,
-                    "hf_tokens_per_target_forward": float(np.mean(tpf_counts))
-                    if tpf_counts
-                    else 1.0,
+                    "hf_tokens_per_target_forward": (
+                        float(np.mean(tpf_counts)) if tpf_counts else 1.0
+                    ),
                 }
             )
         log(f"hf {cls} done")
