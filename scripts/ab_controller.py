@@ -108,9 +108,10 @@ def main() -> None:
                 print(json.dumps(line), flush=True)
                 lines.append(line)
         tps = {k: t[1] / t[0] for k, t in total.items()}
+        new, old = tps["new"] / tps["plain"], tps["old"] / tps["plain"]
         print(
-            f"{args.dtype} {cls}: plain {tps['plain']:.1f} tok/s, new {tps['new'] / tps['plain']:.3f}"
-            f" of plain, old ({args.rev}) {tps['old'] / tps['plain']:.3f}",
+            f"{args.dtype} {cls}: plain {tps['plain']:.1f} tok/s, new {new:.3f} of plain,"
+            f" old ({args.rev}) {old:.3f}",
             flush=True,
         )
     write_json(args.json, {"rev": args.rev, "dtype": args.dtype, "runs": lines})
