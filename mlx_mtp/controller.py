@@ -32,9 +32,9 @@ request that follows plain decoding starts plain, its first steps shadow-probed 
 drafting pays only near-perfect acceptance, one step in every few while the probes
 pass); one that follows drafting starts at most ``start_k`` deep.  A request in the
 other sampling mode (greedy, sampled) than the last starts plain, from the prior.
-Only rounds measure round times: after a long plain run, if plain steps have got
-cheaper since rounds were last timed (the machine was slow then), one round runs to
-re-measure, and it re-scales every k's time.
+Only rounds measure round times: after a long plain run, where drafting could pay were
+rounds half as dear, one round runs to re-measure, and it re-scales every k's time
+(rarer while re-measures find the times right).
 """
 
 from __future__ import annotations
@@ -67,24 +67,23 @@ class WallTimes:
     seen: Set[int] = field(default_factory=set)  # k whose first (allocating) round was dropped
     n: Dict[int, int] = field(default_factory=dict)  # k -> rounds observed (capped): weights
     _line: Optional[Tuple[float, float]] = None  # cached fit, reset by each observation
-    plain_at_rounds: Optional[float] = None  # ``plain`` when a round was last timed
 
     def observe(self, k: int, seconds: float, max_weight: int) -> None:
         """A whole round with k drafts took ``seconds`` (the first one at each k is dropped)."""
-        self.plain_at_rounds = self.plain
         if k in self.seen:
             self.rounds[k] = _ema(self.rounds.get(k), seconds, 0.2)
             self.n[k] = min(self.n.get(k, 0) + 1, max_weight)
             self._line = None
         self.seen.add(k)
 
-    def rescale(self, ratio: float, weight: float) -> None:
+    def rescale(self, ratio: float, weight: float) -> bool:
         """A round took ``ratio`` times its k's recorded time: move every k's time that way
-        (by ``ratio ** weight``, at most 1.5x either way: one round's time is noisy)."""
+        (by ``ratio ** weight``, at most 1.5x either way: one round's time is noisy).  True
+        if the times moved by more than 5%."""
         factor = min(1.5, max(1 / 1.5, ratio**weight))
         self.rounds = {k: factor * t for k, t in self.rounds.items()}
         self._line = None
-        self.plain_at_rounds = self.plain
+        return abs(factor - 1.0) > 0.05
 
     def line(self) -> Optional[Tuple[float, float]]:
         """(intercept, slope) of round time against k, weighted least squares; None below two k."""
@@ -204,7 +203,7 @@ class AdaptiveController:
         probe_run_budget: float = 2.0,
         max_probe_share: float = 0.06,
         remeasure_every: int = 256,
-        remeasure_drop: float = 0.1,
+        remeasure_drop: float = 0.5,
         stale_weight: float = 0.5,
     ):
         self.k_max = k_max
@@ -258,6 +257,7 @@ class AdaptiveController:
         self.shadow_odds = 1.0  # evidence from shadow probes that acceptance is above the estimate
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
         self.plain_since_round = 0  # plain steps since the last drafting round
+        self.remeasure_interval = remeasure_every  # grows while re-measures find no change
         self.stale_round = False  # the last round came after remeasure_every plain steps
         self.remeasures = 0  # rounds run to re-measure round times (see remeasure_k)
 
@@ -544,32 +544,26 @@ class AdaptiveController:
 
     def remeasure_k(self) -> int:
         """A k to run one drafting round of although plain steps are estimated faster (0:
-        none): when no round ran for ``remeasure_every`` plain steps, plain steps now cost
-        ``remeasure_drop`` less than when rounds were last timed, and drafting could pay were
-        rounds that much cheaper too, the k that would then be best at the estimated
-        acceptance.
+        none): when no round ran for ``remeasure_interval`` plain steps and drafting could
+        pay were rounds ``remeasure_drop`` cheaper than their recorded times, the k that
+        would then be best at the estimated acceptance.
 
         Only rounds measure round times, while plain steps are measured all the time: where
         the machine was slow while it drafted (another process, the CPU clocking down) and
-        fast again by the time it runs plain steps, rounds stay priced slow against plain
-        steps priced fast, and without a round nothing corrects it.  The round re-scales
-        every k's time (see ``observe_round_time``).
+        is fast again by the time it runs plain steps, rounds stay priced slow against plain
+        steps priced fast, and without a round nothing corrects it (a CPU hog during two
+        4-bit requests left rounds priced at twice their time, and every later request ran
+        plain).  The round re-scales every k's time (see ``observe_round_time``); while
+        re-measures find the times right, they come rarer.
         """
-        own = self._walls()[0]
-        if (
-            self.plain_since_round < self.remeasure_every
-            or own.plain is None
-            or own.plain_at_rounds is None
-            or own.plain > (1 - self.remeasure_drop) * own.plain_at_rounds
-        ):
+        if self.plain_since_round < self.remeasure_interval:
             return 0
         times = self._round_times()
-        scale = own.plain / own.plain_at_rounds
-        faster = [times[0]] + [scale * t for t in times[1:]]
-        if self._fewest_paying_k(1.0, faster) is None:
+        cheaper = [times[0]] + [(1 - self.remeasure_drop) * t for t in times[1:]]
+        if self._fewest_paying_k(1.0, cheaper) is None:
             return 0  # drafting could not pay even then
         tokens = self._expected_tokens_all()
-        return min(_argmax([tokens[k] / faster[k] for k in range(self.k_max + 1)], 1), self.k_cap)
+        return min(_argmax([tokens[k] / cheaper[k] for k in range(self.k_max + 1)], 1), self.k_cap)
 
     def shadow_depth(self) -> int:
         """Drafts per shadow probe: the fewest whose round would beat plain steps (by the
@@ -697,7 +691,7 @@ class AdaptiveController:
     def observe(self, k: int, accepted: int) -> None:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
         self.rounds += 1
-        self.stale_round = self.plain_since_round >= self.remeasure_every
+        self.stale_round = self.plain_since_round >= self.remeasure_interval
         self.plain_since_round = 0
         self._record(k, accepted)
         self.k_cap = max(self.k_cap, 2 * accepted)
@@ -745,7 +739,12 @@ class AdaptiveController:
         if self.stale_round and k in walls.rounds:
             # The first round after a long plain run: the machine's speed may have changed
             # since rounds were last timed, for every k alike.
-            walls.rescale(seconds / walls.rounds[k], self.stale_weight)
+            changed = walls.rescale(seconds / walls.rounds[k], self.stale_weight)
+            # Re-measures that find the times right come rarer (on text where drafting does
+            # not pay each costs a little), up to 8x; one that finds a change restores them.
+            longest = 8 * self.remeasure_every
+            grown = min(longest, 2 * self.remeasure_interval)
+            self.remeasure_interval = self.remeasure_every if changed else grown
         else:
             walls.observe(k, seconds, self.max_round_weight)
 
