@@ -258,7 +258,7 @@ class AdaptiveController:
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
         self.plain_since_round = 0  # plain steps since the last drafting round
         self.remeasure_interval = remeasure_every  # grows while re-measures find no change
-        self.stale_round = False  # the last round came after remeasure_every plain steps
+        self.stale_round = False  # the last round came after remeasure_interval plain steps
         self.remeasures = 0  # rounds run to re-measure round times (see remeasure_k)
 
     # -- estimates --------------------------------------------------------
@@ -551,7 +551,7 @@ class AdaptiveController:
         Only rounds measure round times, while plain steps are measured all the time: where
         the machine was slow while it drafted (another process, the CPU clocking down) and
         is fast again by the time it runs plain steps, rounds stay priced slow against plain
-        steps priced fast, and without a round nothing corrects it (a CPU hog during two
+        steps priced fast, and without a round nothing corrects it (a CPU hog during four
         4-bit requests left rounds priced at twice their time, and every later request ran
         plain).  The round re-scales every k's time (see ``observe_round_time``); while
         re-measures find the times right, they come rarer.

@@ -72,9 +72,9 @@ def load_pair(dtype: str):
     if (
         dtype == "4bit"
     ):  # 4-bit weights, float32 activations (bf16 ones are 5-9x slower on this CPU)
-        pred = (
-            lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0
-        )  # noqa: E731
+        def pred(_path, m):
+            return hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0
+
         nn.quantize(target, group_size=64, bits=4, class_predicate=pred)
         nn.quantize(drafter, group_size=64, bits=4, class_predicate=pred)
     mx.eval(target.parameters(), drafter.parameters())
