@@ -19,16 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import mlx.core as mx
-
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_mtp as B  # noqa: E402
-from _bench_common import fresh, write_json  # noqa: E402
+from _bench_common import write_json  # noqa: E402
 
 from mlx_mtp.controller import AdaptiveController  # noqa: E402
 from mlx_mtp.loading import load  # noqa: E402
-from mlx_mtp.sampling import Sampler  # noqa: E402
-from mlx_mtp.speculative import GenerationStats, generate_tokens  # noqa: E402
 
 
 def controller_at(rev: str):
@@ -47,21 +43,8 @@ def controller_at(rev: str):
 
 def run(target, drafter, ids, n, ctrl, temperature, seed):
     """One request: plain decoding (``ctrl`` None) or ``auto`` with the given controller."""
-    fresh()
-    mx.random.seed(seed)
-    stats = GenerationStats()
-    for _ in generate_tokens(
-        target,
-        ids,
-        max_tokens=n,
-        sampler=Sampler(temperature),
-        stats=stats,
-        draft_model=None if ctrl is None else drafter,
-        num_draft_tokens=0 if ctrl is None else "auto",
-        controller=ctrl,
-    ):
-        pass
-    return stats
+    k = "plain" if ctrl is None else "auto"
+    return B.run(target, drafter, ids, n, k, temperature, seed, controller=ctrl)[1]
 
 
 def main() -> None:

@@ -72,6 +72,7 @@ def load_pair(dtype: str):
     if (
         dtype == "4bit"
     ):  # 4-bit weights, float32 activations (bf16 ones are 5-9x slower on this CPU)
+
         def pred(_path, m):
             return hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0
 
@@ -81,7 +82,9 @@ def load_pair(dtype: str):
     return target, drafter, tok
 
 
-def run(target, drafter, ids, n, k, temperature=0.0, seed=0):
+def run(target, drafter, ids, n, k, temperature=0.0, seed=0, controller=None):
+    """One request: plain decoding (k "plain"), a fixed k, or "auto" (with ``controller``:
+    that controller instead of the pair's own).  Returns (tokens, stats)."""
     from mlx_mtp.sampling import Sampler
     from mlx_mtp.speculative import GenerationStats, generate_tokens
 
@@ -98,6 +101,7 @@ def run(target, drafter, ids, n, k, temperature=0.0, seed=0):
             stats=stats,
             draft_model=None if k == "plain" else drafter,
             num_draft_tokens=0 if k == "plain" else k,
+            controller=controller,
         )
     ]
     return toks, stats
