@@ -15,7 +15,14 @@ decoding, every fixed k and ``AdaptiveController``, charging each round the cost
 for its k in the benchmark JSON (round time = tokens per target forward / tokens per second),
 with a lognormal jitter (``--jitter``) so the controller sees noisy costs as on a real
 machine.  The adversarial (sampled) class draws acceptance at random from the benchmark's
-measured acceptance by position.
+measured acceptance by position.  ``--swing`` also scales each request's costs by a lognormal
+factor (the same for every configuration): this machine's plain decoding ran 50 tok/s in one
+request and 78 in the next, and a controller must price rounds and plain steps measured at
+different speeds.  ``--controller-rev`` replays the controller of another git revision
+(compare two runs with the same seeds).  ``--smooth`` charges rounds a line fitted through
+the measured costs of k = 1..8: each k's cost carries the benchmark's noise, and the best
+fixed k in a replay profits from a k measured lucky (openblas bfloat16 code: k = 5 at 2.83
+plain steps, between k = 4 at 3.08 and k = 6 at 3.54).
 
 Prints auto / max(plain, best fixed k) per (regime, dtype, class) averaged over ``--seeds``
 jitter seeds, and writes them as JSON.
@@ -36,7 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _bench_common import log, table, write_json  # noqa: E402
 
-from mlx_mtp.controller import AdaptiveController, Controller, FixedController, RoundTiming  # noqa: E402
+from mlx_mtp.controller import (
+    AdaptiveController,
+    Controller,
+    FixedController,
+    RoundTiming,
+)  # noqa: E402
 
 K_MAX = 8
 CLASSES = ("code", "prose", "adversarial")
@@ -92,6 +104,17 @@ def _match(drafts: Sequence[int], truth: Sequence[int]) -> int:
     return n
 
 
+def smoothed(curve: Dict) -> Dict:
+    """``curve`` with the round costs of k = 1..K_MAX on their least-squares line."""
+    ks = range(1, K_MAX + 1)
+    mean_k = sum(ks) / K_MAX
+    mean_t = sum(curve["round"][k] for k in ks) / K_MAX
+    cov = sum((k - mean_k) * (curve["round"][k] - mean_t) for k in ks)
+    slope = cov / sum((k - mean_k) ** 2 for k in ks)
+    line = {k: mean_t + slope * (k - mean_k) for k in ks}
+    return {**curve, "round": {0: curve["round"][0], **line}}
+
+
 def cost_curves(bench: dict) -> Dict[tuple, Dict]:
     """Per (regime, dtype, greedy|sampled): seconds per round for k = 0..8, drafter step seconds,
     and (sampled) acceptance of draft i given drafts 1..i-1 passed."""
@@ -115,15 +138,16 @@ def cost_curves(bench: dict) -> Dict[tuple, Dict]:
 
 
 class Machine:
-    """Charges rounds their measured cost, jittered."""
+    """Charges rounds their measured cost, jittered, times the request's ``speed``."""
 
     def __init__(self, curves: Dict, rng: random.Random, jitter: float, burst_start: float):
         self.curves, self.rng, self.jitter, self.burst_start = curves, rng, jitter, burst_start
+        self.speed = 1.0  # this request's cost factor (see --swing)
 
     def seconds(self, kind: str, k: int, steps: int = 1) -> float:
         base = self.curves[kind]["round"][k] * steps
         extra = self.burst_start * self.curves[kind]["round"][0] if k == 0 else 0.0
-        return base * math.exp(self.rng.gauss(0.0, self.jitter)) + extra
+        return self.speed * (base * math.exp(self.rng.gauss(0.0, self.jitter)) + extra)
 
 
 def replay_request(
@@ -176,12 +200,13 @@ def replay_request(
     return total
 
 
-def replay_pair(traces, curves, seed: int, jitter: float, burst_start: float, n_tokens: int):
+def replay_pair(traces, curves, seed: int, args, adaptive=AdaptiveController):
     """One benchmark pass of one (regime, dtype): seconds per (class, configuration)."""
     rng = random.Random(seed)
-    machine = Machine(curves, rng, jitter, burst_start)
+    machine = Machine(curves, rng, args.jitter, args.burst_start)
+    n_tokens = args.new_tokens
     ctrls = {
-        k: None if k == "plain" else AdaptiveController() if k == "auto" else FixedController(k)
+        k: None if k == "plain" else adaptive() if k == "auto" else FixedController(k)
         for k in CONFIGS
     }
     warm_accept = [0.8] * K_MAX  # sampled warm-up on a code prompt
@@ -192,7 +217,9 @@ def replay_pair(traces, curves, seed: int, jitter: float, burst_start: float, n_
     for cls in CLASSES:
         tot = {k: 0.0 for k in CONFIGS}
         for pi in range(len(traces.get(cls, traces["code"]))):  # adversarial: as many as code
+            swing = random.Random(f"{seed} {cls} {pi}").gauss(0.0, args.swing)
             for k in CONFIGS:
+                machine.speed = math.exp(swing)
                 if cls == "adversarial":
                     acc_rng = random.Random(1000 * seed + pi)  # same text luck for every config
                     tot[k] += replay_request(
@@ -201,6 +228,7 @@ def replay_pair(traces, curves, seed: int, jitter: float, burst_start: float, n_
                 else:
                     tot[k] += replay_request(ctrls[k], machine, n_tokens, trace=traces[cls][pi])
         seconds[cls] = tot
+        machine.speed = 1.0
     return seconds
 
 
@@ -216,8 +244,18 @@ def main() -> None:
     ap.add_argument(
         "--burst-start", type=float, default=0.1, help="plain steps lost per plain burst"
     )
+    ap.add_argument(
+        "--swing", type=float, default=0.0, help="lognormal sigma of each request's speed"
+    )
+    ap.add_argument("--controller-rev", default=None, help="git revision of the controller")
+    ap.add_argument("--smooth", action="store_true", help="round costs on a line in k")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    adaptive = AdaptiveController
+    if args.controller_rev:
+        from ab_controller import controller_at
+
+        adaptive = controller_at(args.controller_rev)
     if args.traces and Path(args.traces).exists():
         traces = json.loads(Path(args.traces).read_text())
     else:
@@ -232,11 +270,17 @@ def main() -> None:
                 log(f"{path}: {regime} {dtype} lacks the code or adversarial class; skipped")
                 continue
             curves = {kind: all_curves[(regime, dtype, kind)] for kind in ("greedy", "sampled")}
-            rows += _rows(regime, dtype, traces, curves, args)
+            if args.smooth:
+                curves = {kind: smoothed(c) for kind, c in curves.items()}
+            rows += _rows(regime, dtype, traces, curves, args, adaptive)
     if not rows:
         sys.exit("no (regime, dtype) with both the code and adversarial classes in --costs")
     heads = ["regime", "dtype", "class", "auto_vs_plain", "best_fixed", "auto_vs_best"]
-    print(f"replay: {args.seeds} jitter seeds, sigma {args.jitter}; auto / max(plain, best k)")
+    print(
+        f"replay: {args.seeds} seeds, jitter sigma {args.jitter}, swing sigma {args.swing}, "
+        f"{'smoothed' if args.smooth else 'measured'} costs, controller "
+        f"{args.controller_rev or 'this checkout'}; auto / max(plain, best k)"
+    )
     cells = [
         [f"{v:.3f}" if isinstance(v, float) else v for v in (r[h] for h in heads)] for r in rows
     ]
@@ -246,10 +290,10 @@ def main() -> None:
     write_json(args.json, {"args": vars(args), "rows": rows})
 
 
-def _rows(regime, dtype, traces, curves, args) -> List[dict]:
+def _rows(regime, dtype, traces, curves, args, adaptive) -> List[dict]:
     sums = {c: {k: 0.0 for k in CONFIGS} for c in CLASSES}
     for seed in range(args.seeds):
-        secs = replay_pair(traces, curves, seed, args.jitter, args.burst_start, args.new_tokens)
+        secs = replay_pair(traces, curves, seed, args, adaptive)
         for cls in CLASSES:
             for k in CONFIGS:
                 sums[cls][k] += secs[cls][k]
