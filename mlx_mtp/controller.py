@@ -27,7 +27,7 @@ every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
 plain steps); sooner while the probes pass more often than the estimate expects (by
 the likelihood ratio of acceptance above break-even against the estimate), and
 right after drafting stops (bursts from ``first_burst`` that double, restarted at
-each resume of drafting).  A
+each resume of drafting and at each greedy request that starts plain).  A
 request that follows plain decoding starts plain, its first steps shadow-probed (where
 drafting pays only near-perfect acceptance, one step in every few while the probes
 pass); one that follows drafting starts at most ``start_k`` deep.  A request in the
@@ -503,8 +503,17 @@ class AdaptiveController:
         return depth * self.draft_cost / self.plain_cost
 
     def _start_plain(self) -> None:
-        """This request starts plain: its first bursts are its opening probes."""
+        """This request starts plain: its first bursts are its opening probes.  Greedy, the
+        bursts after them start short, as after a resume of drafting: the text is new, and
+        two probes that each pass or fail see little of it (in the offline replay, a code
+        request whose first ten tokens the drafter missed, and nearly every later one it
+        guessed, ran 86 plain steps in bursts of 21 and 44 before it drafted).  A sampled
+        probe measures the chance that the draft passes, ``sum(min(p, q))``, so the opening
+        tells more there, and the extra probes cost the adversarial class more than they
+        found."""
         self.starting_plain, self.probe_run_failed = True, False
+        if not self.last_sampled:
+            self.burst_ramp = int(self.first_burst / self.probe_value())
 
     def _opening_probes(self, depth: int) -> Optional[PlainBurst]:
         """The next burst of a request that starts plain, or None once its opening probes

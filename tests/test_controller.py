@@ -719,3 +719,24 @@ def test_rounds_priced_in_a_slow_stretch_are_measured_again():
         ks = simulate(ctrl, 300, 0.97, verify, 0.3, rng)
         assert tail_mode(ks, 100) > 0, (seed, steps)
         assert ctrl.round_time(4) < 1.1 * (4 * 0.3 + verify(5) + 0.5)
+
+
+def test_a_request_whose_first_tokens_are_hard_drafts_soon_after():
+    """A greedy request after sampled ones starts plain, from the prior; its two opening
+    probes land on its first three tokens, which the drafter misses, and every later draft
+    passes.  The bursts after the opening start short, as after a resume of drafting (the
+    text is new), so the passes come soon, not after a burst as long as the sampled
+    requests' last ones (a code prompt of the benchmark ran 86 plain steps so)."""
+    verify = lambda m: 10.0 if m == 1 else 14.0 + 2.5 * (m - 1)  # noqa: E731
+    for seed in range(4):
+        rng = random.Random(seed)
+        ctrl = AdaptiveController(k_max=8)
+        assert tail_mode(simulate(ctrl, 150, 0.95, verify, 1.5, rng), 50) > 0
+        ctrl.start_request(sampled=True)
+        assert tail_mode(simulate(ctrl, 300, 0.0, verify, 1.5, rng), 100) == 0
+        ctrl.start_request(sampled=False)
+        steps = 0
+        while ctrl.choose() == 0:
+            steps += plain(ctrl, lambda: steps >= 3, verify, 1.5)[0]
+            assert steps < 1000, "drafting never resumed"
+        assert steps <= 48, (seed, steps)  # 58 with the last request's bursts
