@@ -34,7 +34,10 @@ pass); one that follows drafting starts at most ``start_k`` deep.  A request in 
 other sampling mode (greedy, sampled) than the last starts plain, from the prior.
 Only rounds measure round times: after a long plain run, where drafting could pay were
 rounds half as dear, one round runs to re-measure, and it re-scales every k's time
-(rarer while re-measures find the times right).
+(rarer while re-measures find the times right).  Likewise, only plain steps measure
+the plain price: while drafting, after ``plain_remeasure_every`` rounds without plain
+steps, where plain steps would win were they half as dear, a short plain burst
+re-measures it.
 """
 
 from __future__ import annotations
@@ -205,6 +208,9 @@ class AdaptiveController:
         remeasure_every: int = 256,
         remeasure_drop: float = 0.5,
         stale_weight: float = 0.5,
+        plain_remeasure_every: int = 128,
+        plain_remeasure_steps: int = 6,
+        plain_remeasure_weight: float = 0.7,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -220,6 +226,9 @@ class AdaptiveController:
         self.remeasure_every = remeasure_every
         self.remeasure_drop = remeasure_drop
         self.stale_weight = stale_weight
+        self.plain_remeasure_every = plain_remeasure_every
+        self.plain_remeasure_steps = plain_remeasure_steps
+        self.plain_remeasure_weight = plain_remeasure_weight
         self.max_shadow_odds = max_shadow_odds
         self.min_shadow_odds = min_shadow_odds
         self.full_value_gain = full_value_gain
@@ -260,6 +269,10 @@ class AdaptiveController:
         self.remeasure_interval = remeasure_every  # grows while re-measures find no change
         self.stale_round = False  # the last round came after remeasure_interval plain steps
         self.remeasures = 0  # rounds run to re-measure round times (see remeasure_k)
+        self.rounds_since_plain = 0  # drafting rounds since plain steps were last timed
+        self.plain_remeasure_interval = plain_remeasure_every  # grows while prices hold
+        self.plain_remeasuring = False  # the coming plain burst re-measures the plain price
+        self.plain_remeasures = 0  # plain bursts run to re-measure the plain price
 
     # -- estimates --------------------------------------------------------
     def acceptance(self) -> List[float]:
@@ -442,6 +455,12 @@ class AdaptiveController:
                     self.request_start = False
                     self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
                     return k  # one round to re-measure its cost, not a resume of drafting
+            if k > 0 and self.drafting and self._plain_price_stale(rates, k):
+                self.plain_remeasures += 1
+                self.plain_remeasuring = True
+                self.request_start = False
+                self.k_histogram[0] = self.k_histogram.get(0, 0) + 1
+                return 0  # a short plain burst to re-measure its price, drafting goes on
             if k > 0 and not self.drafting:
                 # Drafting resumes: should it stop again, the first plain bursts are short
                 # (their shadow probes come often), as the stop may rest on two or three
@@ -470,6 +489,8 @@ class AdaptiveController:
         if self.rounds - self.warmup_rounds < len(self.CALIBRATION):
             self.rounds += 1
             return PlainBurst(self.CALIBRATION_BURST)  # prices plain steps: no drafter time
+        if self.plain_remeasuring:
+            return PlainBurst(self.plain_remeasure_steps)  # no probes: rounds measure acceptance
         depth = self.shadow_depth()
         if self.starting_plain:
             opening = self._opening_probes(depth)
@@ -550,6 +571,22 @@ class AdaptiveController:
         if cost is None:
             return self.max_probe_run
         return min(self.max_probe_run, int(self.probe_run_budget / cost))
+
+    def _plain_price_stale(self, rates: List[float], k: int) -> bool:
+        """Should a short plain burst re-measure the plain price before this round of k?
+
+        Only plain steps measure the plain price, and while drafting none run: where the
+        machine was slow during the last plain steps and is fast again while it drafts, the
+        plain price stays slow against rounds priced fast, and a round of one draft can even
+        look cheaper than a plain step (stock bfloat16, sampled random text: plain priced at
+        20.1 ms while k = 1 rounds took 17.7-19.9 ms, true plain 11.8 ms; nine requests
+        drafted at 0.92 of plain decoding).  So after ``plain_remeasure_interval`` rounds
+        without plain steps, where plain steps would be chosen were they half as dear as
+        recorded, a burst of ``plain_remeasure_steps`` re-measures them.  Where drafting
+        gains more than twice, no price drop could change the choice, and none runs."""
+        if self.rounds_since_plain < self.plain_remeasure_interval:
+            return False
+        return rates[0] / (1 - self.remeasure_drop) >= rates[k]
 
     def remeasure_k(self) -> int:
         """A k to run one drafting round of although plain steps are estimated faster (0:
@@ -655,10 +692,22 @@ class AdaptiveController:
         their wall time and the shadow probes' drafter steps among them: the k = 0 option's
         price."""
         self.plain_since_round += steps
+        remeasure, self.plain_remeasuring = self.plain_remeasuring, False
         if steps >= 2:
+            self.rounds_since_plain = 0
             seconds -= drafter_steps * (self.draft_cost or 0.0)
             own = self._walls()[0]
-            own.plain = _ema(own.plain, max(seconds, 1e-9) / steps)
+            per_step = max(seconds, 1e-9) / steps
+            if remeasure and own.plain is not None:
+                # A re-measure outweighs the old price (it is the stale one); while prices
+                # hold, re-measures come rarer (up to 8x), one that finds a change restores them.
+                changed = abs(per_step / own.plain - 1.0) > 0.1
+                longest = 8 * self.plain_remeasure_every
+                grown = min(longest, 2 * self.plain_remeasure_interval)
+                self.plain_remeasure_interval = self.plain_remeasure_every if changed else grown
+                own.plain = _ema(own.plain, per_step, self.plain_remeasure_weight)
+            else:
+                own.plain = _ema(own.plain, per_step)
 
     def observe_shadow(self, drafted: int, accepted: float) -> None:
         """A shadow probe: ``drafted`` drafts at a plain step, scored against the target's
@@ -700,6 +749,7 @@ class AdaptiveController:
     def observe(self, k: int, accepted: int) -> None:
         """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
         self.rounds += 1
+        self.rounds_since_plain += 1
         self.stale_round = self.plain_since_round >= self.remeasure_interval
         self.plain_since_round = 0
         self._record(k, accepted)
