@@ -381,6 +381,27 @@ def main() -> None:
     )
 
 
+def smoothed_best(fixed):
+    """(k, tok/s) of the best fixed k with round times on their least-squares line in k.
+
+    Each fixed k's run carries its own noise (this machine drifts within seconds), and the
+    best of eight noisy runs is biased upward: a k measured lucky (openblas bfloat16 code:
+    k = 5 at 2.83 plain steps a round, between k = 4 at 3.08 and k = 6 at 3.54) sets the
+    reference.  Round time is close to linear in k, so the line keeps each k's measured
+    acceptance (tokens per target forward) and spreads the timing noise over all k."""
+    pts = [(r["k"], r["tokens_per_target_forward"] / r["tps"]) for r in fixed]
+    mean_k = sum(k for k, _ in pts) / len(pts)
+    mean_t = sum(t for _, t in pts) / len(pts)
+    slope = sum((k - mean_k) * (t - mean_t) for k, t in pts) / sum(
+        (k - mean_k) ** 2 for k, _ in pts
+    )
+    rates = {
+        r["k"]: r["tokens_per_target_forward"] / (mean_t + slope * (r["k"] - mean_k)) for r in fixed
+    }
+    k = max(rates, key=rates.get)
+    return k, rates[k]
+
+
 def summarize(rows):
     lines, out = [], []
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -393,6 +414,8 @@ def summarize(rows):
             best = max(fixed, key=lambda r: r["tps"])
             auto = next(r for r in sel if r["k"] == "auto")
             ref = max(plain["tps"], best["tps"])
+            smooth_k, smooth_tps = smoothed_best(fixed)
+            smooth_ref = max(plain["tps"], smooth_tps)
             mem_ok = all(
                 r["peak_memory_bytes"] <= 1.02 * (plain["peak_memory_bytes"] + r["drafter_bytes"])
                 for r in sel
@@ -410,13 +433,17 @@ def summarize(rows):
                 "auto_speedup": auto["speedup_vs_plain"],
                 "auto_vs_best": auto["tps"] / ref,
                 "auto_vs_best_per_rep": [round(x, 3) for x in per_rep],
+                "smoothed_best_k": smooth_k,
+                "auto_vs_smoothed_best": auto["tps"] / smooth_ref,
                 "memory_ok": mem_ok,
             }
             out.append(item)
             lines.append(
                 f"{dtype:9s} {cls:11s} best k={best['k']} x{best['speedup_vs_plain']:.2f}  "
                 f"auto x{auto['speedup_vs_plain']:.2f} = {auto['tps'] / ref:.2f} of max(plain, best) "
-                f"(per rep {', '.join(f'{x:.2f}' for x in per_rep)})  memory ok: {mem_ok}"
+                f"(per rep {', '.join(f'{x:.2f}' for x in per_rep)}; "
+                f"{auto['tps'] / smooth_ref:.2f} of max(plain, smoothed best k={smooth_k}))  "
+                f"memory ok: {mem_ok}"
             )
     return {"items": out, "lines": lines}
 
