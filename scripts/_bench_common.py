@@ -99,6 +99,16 @@ def fresh() -> None:
     mx.reset_peak_memory()
 
 
+def on_line(points: Dict[int, float]) -> Dict[int, float]:
+    """The values of ``points`` (k -> round time) on their least-squares line in k: round
+    time is close to linear in k, and each k's own measurement carries its run's noise."""
+    mean_k = sum(points) / len(points)
+    mean_t = sum(points.values()) / len(points)
+    cov = sum((k - mean_k) * (t - mean_t) for k, t in points.items())
+    slope = cov / sum((k - mean_k) ** 2 for k in points)
+    return {k: mean_t + slope * (k - mean_k) for k in points}
+
+
 def median(xs: Iterable[float]) -> float:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else float("nan")

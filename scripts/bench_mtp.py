@@ -36,6 +36,7 @@ from _bench_common import (  # noqa: E402
     loadavg,
     log,
     machine_info,
+    on_line,
     regime_info,
     table,
     write_json,
@@ -389,15 +390,9 @@ def smoothed_best(fixed):
     k = 5 at 2.83 plain steps a round, between k = 4 at 3.08 and k = 6 at 3.54) sets the
     reference.  Round time is close to linear in k, so the line keeps each k's measured
     acceptance (tokens per target forward) and spreads the timing noise over all k."""
-    pts = [(r["k"], r["tokens_per_target_forward"] / r["tps"]) for r in fixed]
-    mean_k = sum(k for k, _ in pts) / len(pts)
-    mean_t = sum(t for _, t in pts) / len(pts)
-    slope = sum((k - mean_k) * (t - mean_t) for k, t in pts) / sum(
-        (k - mean_k) ** 2 for k, _ in pts
-    )
-    rates = {
-        r["k"]: r["tokens_per_target_forward"] / (mean_t + slope * (r["k"] - mean_k)) for r in fixed
-    }
+    tpf = {r["k"]: r["tokens_per_target_forward"] for r in fixed}
+    line = on_line({r["k"]: tpf[r["k"]] / r["tps"] for r in fixed})
+    rates = {k: tpf[k] / t for k, t in line.items()}
     k = max(rates, key=rates.get)
     return k, rates[k]
 

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench_common import log, table, write_json  # noqa: E402
+from _bench_common import log, on_line, table, write_json  # noqa: E402
 
 from mlx_mtp.controller import (
     AdaptiveController,
@@ -106,12 +106,7 @@ def _match(drafts: Sequence[int], truth: Sequence[int]) -> int:
 
 def smoothed(curve: Dict) -> Dict:
     """``curve`` with the round costs of k = 1..K_MAX on their least-squares line."""
-    ks = range(1, K_MAX + 1)
-    mean_k = sum(ks) / K_MAX
-    mean_t = sum(curve["round"][k] for k in ks) / K_MAX
-    cov = sum((k - mean_k) * (curve["round"][k] - mean_t) for k in ks)
-    slope = cov / sum((k - mean_k) ** 2 for k in ks)
-    line = {k: mean_t + slope * (k - mean_k) for k in ks}
+    line = on_line({k: curve["round"][k] for k in range(1, K_MAX + 1)})
     return {**curve, "round": {0: curve["round"][0], **line}}
 
 
