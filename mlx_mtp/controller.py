@@ -452,15 +452,11 @@ class AdaptiveController:
                 k = self.remeasure_k()
                 if k > 0:
                     self.remeasures += 1
-                    self.request_start = False
-                    self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
-                    return k  # one round to re-measure its cost, not a resume of drafting
+                    return self._chosen(k)  # a round to re-measure its cost, not a resume
             if k > 0 and self.drafting and self._plain_price_stale(rates, k):
                 self.plain_remeasures += 1
                 self.plain_remeasuring = True
-                self.request_start = False
-                self.k_histogram[0] = self.k_histogram.get(0, 0) + 1
-                return 0  # a short plain burst to re-measure its price, drafting goes on
+                return self._chosen(0)  # a plain burst to re-measure its price; drafting goes on
             if k > 0 and not self.drafting:
                 # Drafting resumes: should it stop again, the first plain bursts are short
                 # (their shadow probes come often), as the stop may rest on two or three
@@ -480,6 +476,11 @@ class AdaptiveController:
                 self._start_plain()  # its prior no longer pays: probe its first steps
             elif k > 0:
                 self.starting_plain = False
+        return self._chosen(k)
+
+    def _chosen(self, k: int) -> int:
+        """Book the choice of k (the request's first choice is made; the histogram) and
+        return it."""
         self.request_start = False
         self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
         return k
@@ -702,9 +703,9 @@ class AdaptiveController:
                 # A re-measure outweighs the old price (it is the stale one); while prices
                 # hold, re-measures come rarer (up to 8x), one that finds a change restores them.
                 changed = abs(per_step / own.plain - 1.0) > 0.1
-                longest = 8 * self.plain_remeasure_every
-                grown = min(longest, 2 * self.plain_remeasure_interval)
-                self.plain_remeasure_interval = self.plain_remeasure_every if changed else grown
+                self.plain_remeasure_interval = _backoff(
+                    self.plain_remeasure_interval, self.plain_remeasure_every, changed
+                )
                 own.plain = _ema(own.plain, per_step, self.plain_remeasure_weight)
             else:
                 own.plain = _ema(own.plain, per_step)
@@ -799,11 +800,10 @@ class AdaptiveController:
             # The first round after a long plain run: the machine's speed may have changed
             # since rounds were last timed, for every k alike.
             changed = walls.rescale(seconds / walls.rounds[k], self.stale_weight)
-            # Re-measures that find the times right come rarer (on text where drafting does
-            # not pay each costs a little), up to 8x; one that finds a change restores them.
-            longest = 8 * self.remeasure_every
-            grown = min(longest, 2 * self.remeasure_interval)
-            self.remeasure_interval = self.remeasure_every if changed else grown
+            # On text where drafting does not pay each re-measure costs a little.
+            self.remeasure_interval = _backoff(
+                self.remeasure_interval, self.remeasure_every, changed
+            )
         else:
             walls.observe(k, seconds, self.max_round_weight)
 
@@ -826,6 +826,12 @@ def _tokens_by_k(accs: List[float]) -> List[float]:
 def _argmax(rates: List[float], low: int = 0) -> int:
     """Index of the highest rate at or above ``low`` (the smaller index on ties)."""
     return max(range(low, len(rates)), key=lambda k: (rates[k], -k))
+
+
+def _backoff(interval: int, every: int, changed: bool) -> int:
+    """The spacing of the next re-measure: back to ``every`` after one that found a change,
+    else twice the last, up to ``8 * every`` (each costs a little where nothing changed)."""
+    return every if changed else min(8 * every, 2 * interval)
 
 
 def _ema(old: Optional[float], new: float, weight: float = 0.3) -> float:
