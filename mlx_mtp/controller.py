@@ -25,7 +25,8 @@ would have scored them.  A shadow probe costs drafter steps and no verification
 (and no synchronisation: it joins the plain step's lazy graph), so it can run
 every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
 plain steps); sooner while the probes pass more often than the estimate expects (by
-the likelihood ratio of acceptance above break-even against the estimate), and
+the likelihood ratio of acceptance above break-even against the estimate; greedy, at
+every step of a short burst while each probe raises that ratio), and
 right after drafting stops (bursts from ``first_burst`` that double, restarted at
 each resume of drafting and at each greedy request that starts plain).  A
 request that follows plain decoding starts plain, its first steps shadow-probed (where
@@ -264,6 +265,7 @@ class AdaptiveController:
         self.starting_plain = False  # this request started plain: its first bursts shadow-probe
         self.probe_run_failed = False  # a probe of the request's opening run failed
         self.shadow_odds = 1.0  # evidence from shadow probes that acceptance is above the estimate
+        self.odds_rising = False  # the last scored shadow probe raised shadow_odds
         self.k_histogram: Dict[int, int] = {}  # rounds per k over the controller's life
         self.plain_since_round = 0  # plain steps since the last drafting round
         self.remeasure_interval = remeasure_every  # grows while re-measures find no change
@@ -422,6 +424,7 @@ class AdaptiveController:
             self.hits[i] *= keep
         if switched:
             self.drafting, self.shadow_odds = False, 1.0  # choose() then starts plain
+            self.odds_rising = False
         self.k_cap = self.start_k
         self.request_start = True
 
@@ -507,7 +510,27 @@ class AdaptiveController:
             # comes that many times sooner.  Where the estimate is right, passes and
             # failures balance, and the budget holds on average.
             steps = max(self.first_burst, int(steps / self.shadow_odds))
+            streak = self._probe_streak(depth)
+            if streak is not None:
+                return streak
         return PlainBurst(max(steps, depth, self._fewest_probe_spacing(depth)), 1, depth)
+
+    def _probe_streak(self, depth: int) -> Optional[PlainBurst]:
+        """A short burst that shadow-probes every step, or None: greedy, while each probe
+        raises ``shadow_odds``.
+
+        Where text the drafter missed turns easy, the estimate needs many passes to climb to
+        break-even (about ten from 0.4 to 0.7), and one probe per burst spent dozens of plain
+        steps on them (a benchmark code prompt that opened with ten missed tokens: 46 plain
+        steps, then every draft passed).  Each streak probe costs its drafter steps, so a
+        streak is as long as ``first_burst`` scaled by ``probe_value`` (none where drafting
+        could gain little), and at most what an opening run may spend; the first failure
+        ends it.  Sampled probes measure each draft's chance to pass, so one tells more, and
+        streaks there cost the random-text class more than they found."""
+        if not self.odds_rising or self.last_sampled:
+            return None
+        n = int(min(self.first_burst, self._probe_run_length(depth)) * self.probe_value())
+        return PlainBurst(max(n, depth), n, depth) if n > 1 else None
 
     def _fewest_probe_spacing(self, depth: int) -> int:
         """Plain steps per probe of ``depth`` drafts below which the probes' drafter steps
@@ -729,6 +752,7 @@ class AdaptiveController:
         with every pass.  ``be``: ``break_even_acceptance()``."""
         if be >= 1.0:
             self.shadow_odds = self.min_shadow_odds  # drafting cannot pay: no evidence can help
+            self.odds_rising = False
             return
         easy = 0.5 * (1.0 + be)  # the alternative: acceptance where drafting clearly pays
         ratio = 1.0
@@ -743,6 +767,7 @@ class AdaptiveController:
         # below, only a little, so evidence against the estimate soon counts again (at 1,
         # a boundary the ratio could not go below, it would drift up where the estimate is
         # right but passes are common).
+        self.odds_rising = ratio > 1.0
         self.shadow_odds = min(
             self.max_shadow_odds, max(self.min_shadow_odds, self.shadow_odds * ratio)
         )

@@ -434,8 +434,9 @@ def _plain_steps_until_drafting(ctrl, verify):
 
 def test_shadow_probes_passing_against_the_estimate_bring_the_next_sooner():
     """After text the drafter could not guess, a passed probe is evidence that acceptance
-    may be above break-even: the next probe comes sooner by the likelihood ratio, not
-    deeper; failed ones restore the spacing."""
+    may be above break-even: while probes keep raising that evidence, the next burst probes
+    each of its steps (a streak, a few steps long); a failure ends the streak, the spacing
+    shrunk by the likelihood ratio that remains; a few failures restore it."""
     verify = lambda m: 10.0 + 3.0 * (m - 1)  # noqa: E731
     ctrl = AdaptiveController(k_max=8)
     simulate(ctrl, 150, 0.0, verify, 2.0, random.Random(0))
@@ -444,7 +445,13 @@ def test_shadow_probes_passing_against_the_estimate_bring_the_next_sooner():
     ctrl.observe_shadow(depth, float(depth))
     assert ctrl.shadow_odds > 2.0
     assert ctrl.choose() == 0
+    streak = ctrl.plain_burst()
+    assert 2 <= streak.probes == streak.steps <= ctrl.first_burst, streak
+    ctrl.observe_shadow(depth, 0.0)  # the streak's first probe fails
+    assert ctrl.shadow_odds > 1.0
+    assert ctrl.choose() == 0
     burst = ctrl.plain_burst()
+    assert burst.probes == 1
     assert (
         ctrl.first_burst <= burst.steps == max(ctrl.first_burst, int(interval / ctrl.shadow_odds))
     )
@@ -470,6 +477,27 @@ def test_shadow_probes_that_pass_against_the_odds_come_sooner(before):
     assert interval >= 4 * ctrl.first_burst
     steps, bursts = _plain_steps_until_drafting(ctrl, verify)
     assert bursts >= 3 and steps <= 2 * ctrl.first_burst * bursts, (steps, bursts, interval)
+
+
+@pytest.mark.parametrize("per_token, most", [(1.5, 40), (3.0, 56)])
+def test_text_that_turns_easy_is_probed_at_every_step_while_probes_pass(per_token, most):
+    """After a long stretch the drafter could not guess, every draft passes: once a probe
+    passes against the estimate, the following bursts probe each of their steps while the
+    probes keep passing, so the passes that lift the estimate to break-even come in a few
+    short bursts (one probe per burst took 64 and 94 plain steps here; a benchmark code
+    prompt whose first ten tokens the drafter missed ran 46 plain steps so)."""
+    verify = lambda m: 10.0 + per_token * (m - 1)  # noqa: E731
+    ctrl = AdaptiveController(k_max=8)
+    simulate(ctrl, 150, 0.0, verify, 2.0, random.Random(0))
+    assert ctrl.choose() == 0
+    plain(ctrl, lambda: False, verify, 2.0)
+    steps = streaks = 0
+    while ctrl.choose() == 0:
+        s, probes, _ = plain(ctrl, lambda: True, verify, 2.0, with_depth=True)
+        steps, streaks = steps + s, streaks + (1 < probes == s)
+        assert steps < 1000, "drafting never resumed"
+    assert streaks >= 1
+    assert steps <= most, steps
 
 
 @pytest.mark.parametrize("per_token", [0.5, 3.0])
