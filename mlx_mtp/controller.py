@@ -212,7 +212,9 @@ class AdaptiveController:
         plain_remeasure_every: int = 128,
         plain_remeasure_steps: int = 6,
         plain_remeasure_weight: float = 0.7,
+        sampled_probe_share: float = 0.25,
     ):
+        self.sampled_probe_share = sampled_probe_share
         self.k_max = k_max
         self.request_memory = request_memory
         self.carry_cap = carry_cap
@@ -653,9 +655,12 @@ class AdaptiveController:
         cost = self._probe_cost(self.shadow_depth() if depth is None else depth)
         if cost is None:
             return self.min_shadow_interval
-        value = self.probe_value()
-        steps = cost / (value * self.shadow_budget)
-        return int(min(self.max_shadow_interval / value, max(self.min_shadow_interval, steps)))
+        # A sampled probe observes the chance its draft passes, ``sum(min(p, q))``, not one
+        # pass or failure: on the shared pair its variance is 0.1-0.25 of a pass/fail's at
+        # the same mean (temperature 1-0.7), so a quarter as many tell as much.
+        scale = self.probe_value() * (self.sampled_probe_share if self.last_sampled else 1.0)
+        steps = cost / (scale * self.shadow_budget)
+        return int(min(self.max_shadow_interval / scale, max(self.min_shadow_interval, steps)))
 
     def probe_value(self) -> float:
         """What shadow probes can find, from ``min_probe_value`` to 1: the speed-up over plain

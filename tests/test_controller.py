@@ -138,6 +138,27 @@ def test_plain_bursts_keep_shadow_probing_within_budget():
     assert ctrl.shadow_interval() == ctrl.min_shadow_interval
 
 
+def test_sampled_probes_spend_a_quarter_of_the_budget():
+    """A sampled shadow probe observes its draft's chance to pass (a number, not a pass or a
+    failure) and tells as much as four greedy ones or more: at the same costs, sampled
+    requests probe a quarter as often (one probe per 80 plain steps instead of 20)."""
+    verify = lambda m: 10.0 + 0.5 * (m - 1)  # noqa: E731
+    shares = {}
+    for sampled in (False, True):
+        ctrl = AdaptiveController()
+        simulate(ctrl, 50, 0.0, verify, 2.0, random.Random(3))
+        ctrl.start_request(sampled=sampled)
+        steps = drafter_steps = 0
+        for _ in range(200):
+            choose_plain(ctrl, lambda: False, verify, 2.0)
+            s, p, depth = plain(ctrl, lambda: False, verify, 2.0, with_depth=True)
+            steps, drafter_steps = steps + s, drafter_steps + p * depth
+        shares[sampled] = drafter_steps * 2.0 / (steps * 10.0)
+        assert drafter_steps >= 50  # it never stops checking
+    assert shares[False] == pytest.approx(0.01, rel=0.2)
+    assert shares[True] == pytest.approx(0.0025, rel=0.25), shares
+
+
 @pytest.mark.parametrize("per_token, value", [(0.5, 1.0), (6.0, 0.4), (10.0, 0.125)])
 def test_probes_are_rarer_where_drafting_can_gain_little(per_token, value):
     """Verifying m tokens costs ``10 + per_token * (m - 1)``: the dearer, the less even good
