@@ -24,7 +24,7 @@ the drafts are scored against the tokens the target then produces, as a round
 would have scored them.  A shadow probe costs drafter steps and no verification
 (and no synchronisation: it joins the plain step's lazy graph), so it can run
 every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
-plain steps); sooner while the probes pass more often than the estimate expects (by
+plain steps, a quarter of that when sampling); sooner while the probes pass more often than the estimate expects (by
 the likelihood ratio of acceptance above break-even against the estimate; greedy, at
 every step of a short burst while each probe raises that ratio), and
 right after drafting stops (bursts from ``first_burst`` that double, restarted at
