@@ -18,11 +18,14 @@ machine.  The adversarial (sampled) class draws acceptance at random from the be
 measured acceptance by position.  ``--swing`` also scales each request's costs by a lognormal
 factor (the same for every configuration): this machine's plain decoding ran 50 tok/s in one
 request and 78 in the next, and a controller must price rounds and plain steps measured at
-different speeds.  ``--controller-rev`` replays the controller of another git revision
-(compare two runs with the same seeds).  ``--smooth`` charges rounds a line fitted through
-the measured costs of k = 1..8: each k's cost carries the benchmark's noise, and the best
-fixed k in a replay profits from a k measured lucky (openblas bfloat16 code: k = 5 at 2.83
-plain steps, between k = 4 at 3.08 and k = 6 at 3.54).
+different speeds. ``--controller-rev`` replays the controller of another git revision (compare
+two runs with the same seeds). ``--against REV`` also replays REV's controller on the same
+seeds and reports the mean per-seed difference of auto / best with its standard error (the
+seeds' jitter and swing hit both alike, so a pair separates smaller differences than two
+means). ``--smooth`` charges rounds a line fitted through the measured costs of k = 1..8: each
+k's cost carries the benchmark's noise, and the best fixed k in a replay profits from a k
+measured lucky (openblas bfloat16 code: k = 5 at 2.83 plain steps, between k = 4 at 3.08 and
+k = 6 at 3.54).
 
 Prints auto / max(plain, best fixed k) per (regime, dtype, class) averaged over ``--seeds``
 jitter seeds, and writes them as JSON.
@@ -244,13 +247,20 @@ def main() -> None:
     )
     ap.add_argument("--controller-rev", default=None, help="git revision of the controller")
     ap.add_argument("--smooth", action="store_true", help="round costs on a line in k")
+    ap.add_argument(
+        "--against",
+        default=None,
+        help="git revision: also replay its controller, seed by seed, and report the mean "
+        "difference of auto / best (this one minus that one) with its standard error",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    adaptive = AdaptiveController
-    if args.controller_rev:
+    adaptive, against = AdaptiveController, None
+    if args.controller_rev or args.against:
         from ab_controller import controller_at
 
-        adaptive = controller_at(args.controller_rev)
+        adaptive = controller_at(args.controller_rev) if args.controller_rev else adaptive
+        against = controller_at(args.against) if args.against else None
     if args.traces and Path(args.traces).exists():
         traces = json.loads(Path(args.traces).read_text())
     else:
@@ -267,46 +277,75 @@ def main() -> None:
             curves = {kind: all_curves[(regime, dtype, kind)] for kind in ("greedy", "sampled")}
             if args.smooth:
                 curves = {kind: smoothed(c) for kind, c in curves.items()}
-            rows += _rows(regime, dtype, traces, curves, args, adaptive)
+            rows += _rows(regime, dtype, traces, curves, args, adaptive, against)
     if not rows:
         sys.exit("no (regime, dtype) with both the code and adversarial classes in --costs")
     heads = ["regime", "dtype", "class", "auto_vs_plain", "best_fixed", "auto_vs_best"]
+    heads += ["minus_against", "se"] if against is not None else []
     print(
         f"replay: {args.seeds} seeds, jitter sigma {args.jitter}, swing sigma {args.swing}, "
         f"{'smoothed' if args.smooth else 'measured'} costs, controller "
         f"{args.controller_rev or 'this checkout'}; auto / max(plain, best k)"
+        + (f"; paired against {args.against}" if against is not None else "")
     )
-    cells = [
-        [f"{v:.3f}" if isinstance(v, float) else v for v in (r[h] for h in heads)] for r in rows
-    ]
+    cells = [[_cell(h, r[h]) for h in heads] for r in rows]
     print(table(heads, cells))
     worst = min(r["auto_vs_best"] for r in rows)
     print(f"worst auto / max(plain, best fixed k): {worst:.3f}")
     write_json(args.json, {"args": vars(args), "rows": rows})
 
 
-def _rows(regime, dtype, traces, curves, args, adaptive) -> List[dict]:
+def _rows(regime, dtype, traces, curves, args, adaptive, against=None) -> List[dict]:
+    """Rows of one (regime, dtype): auto / max(plain, best fixed k) per class over the seeds;
+    with ``against`` (another controller class), also the mean per-seed difference of that
+    ratio (this controller's minus the other's, both against this replay's fixed k) and its
+    standard error: the seeds' jitter and swing hit both alike, so the pair tells more than
+    two separate means."""
     sums = {c: {k: 0.0 for k in CONFIGS} for c in CLASSES}
+    diffs: Dict[str, List[float]] = {c: [] for c in CLASSES}
     for seed in range(args.seeds):
         secs = replay_pair(traces, curves, seed, args, adaptive)
+        other = replay_pair(traces, curves, seed, args, against) if against else None
         for cls in CLASSES:
             for k in CONFIGS:
                 sums[cls][k] += secs[cls][k]
+            if other is not None:
+                best = min(v for k, v in secs[cls].items() if k != "auto")
+                diffs[cls].append(best / secs[cls]["auto"] - best / other[cls]["auto"])
     rows = []
     for cls in CLASSES:
         s = sums[cls]
         best = min((k for k in CONFIGS if k != "auto"), key=lambda k: s[k])
-        rows.append(
-            {
-                "regime": regime,
-                "dtype": dtype,
-                "class": cls,
-                "auto_vs_plain": round(s["plain"] / s["auto"], 3),
-                "best_fixed": best,
-                "auto_vs_best": round(s[best] / s["auto"], 3),
-            }
-        )
+        row = {
+            "regime": regime,
+            "dtype": dtype,
+            "class": cls,
+            "auto_vs_plain": round(s["plain"] / s["auto"], 3),
+            "best_fixed": best,
+            "auto_vs_best": round(s[best] / s["auto"], 3),
+        }
+        if against is not None:
+            row["minus_against"], row["se"] = _mean_se(diffs[cls])
+        rows.append(row)
     return rows
+
+
+def _cell(head: str, value):
+    """A table cell: signed differences with 4 decimals, other ratios with 3."""
+    if head == "minus_against":
+        return f"{value:+.4f}"
+    if head == "se":
+        return f"{value:.4f}"
+    return f"{value:.3f}" if isinstance(value, float) else value
+
+
+def _mean_se(xs: List[float]) -> tuple:
+    """Mean and standard error of the mean (0 for fewer than two values)."""
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return round(mean, 4), 0.0
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    return round(mean, 4), round(math.sqrt(var / len(xs)), 4)
 
 
 if __name__ == "__main__":
