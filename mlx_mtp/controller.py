@@ -8,37 +8,34 @@ expected tokens per second, from what it measures during the run:
 * the probability that draft i is accepted given drafts 1..i-1 were
   (exponentially decayed counts, so it follows a change of regime).
 
-Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``;
-its cost: the observed wall time of rounds with k drafts in the request's
-sampling mode (sampled rounds cost more than greedy ones, see ``WallTimes``),
-smoothed by a line fitted through the times of all observed k (for an
-unobserved k, the lower of the line and the model
-``overhead + k * c_draft + T(k + 1)`` from split-timed rounds).  k = 0 is a plain
-decoding step.  Drafting gives way to it only when
-plain steps are estimated faster, but it gives way to drafting only when
-drafting is estimated ``draft_margin`` faster (hysteresis: drafting keeps
-measuring acceptance, plain steps do not).  While at k = 0, the controller
-keeps measuring acceptance with shadow probes: a plain step now and then also
-drafts from the same state (the fewest drafts that could pay, usually one), and
-the drafts are scored against the tokens the target then produces, as a round
-would have scored them.  A shadow probe costs drafter steps and no verification
-(and no synchronisation: it joins the plain step's lazy graph), so it can run
-every few dozen steps (as often as keeps its cost near ``shadow_budget`` of the
-plain steps, a quarter of that when sampling); sooner while the probes pass more often than the estimate expects (by
-the likelihood ratio of acceptance above break-even against the estimate; greedy, at
-every step of a short burst while each probe raises that ratio), and
-right after drafting stops (bursts from ``first_burst`` that double, restarted at
-each resume of drafting and at each greedy request that starts plain).  A
-request that follows plain decoding starts plain, its first steps shadow-probed (where
-drafting pays only near-perfect acceptance, one step in every few while the probes
-pass); one that follows drafting starts at most ``start_k`` deep.  A request in the
-other sampling mode (greedy, sampled) than the last starts plain, from the prior.
-Only rounds measure round times: after a long plain run, where drafting could pay were
-rounds half as dear, one round runs to re-measure, and it re-scales every k's time
-(rarer while re-measures find the times right).  Likewise, only plain steps measure
-the plain price: while drafting, after ``plain_remeasure_every`` rounds without plain
-steps, where plain steps would win were they half as dear, a short plain burst
-re-measures it.
+Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``; its cost: the
+observed wall time of rounds with k drafts in the request's sampling mode (sampled
+rounds cost more than greedy ones, see ``WallTimes``), smoothed by a line fitted through
+the times of all observed k (for an unobserved k, the lower of the line and the model
+``overhead + k * c_draft + T(k + 1)`` from split-timed rounds). k = 0 is a plain
+decoding step. Drafting gives way to it only when plain steps are estimated faster, but
+it gives way to drafting only when drafting is estimated ``draft_margin`` faster
+(hysteresis: drafting keeps measuring acceptance, plain steps do not). While at k = 0,
+the controller keeps measuring acceptance with shadow probes: a plain step now and then
+also drafts from the same state (the fewest drafts that could pay, usually one), and the
+drafts are scored against the tokens the target then produces, as a round would have
+scored them. A shadow probe costs drafter steps and no verification (and no
+synchronisation: it joins the plain step's lazy graph), so it can run every few dozen
+steps (as often as keeps its cost near ``shadow_budget`` of the plain steps, a quarter
+of that when sampling); sooner while the probes pass more often than the estimate
+expects (by the likelihood ratio of acceptance above break-even against the estimate;
+greedy, at every step of a short burst while each probe raises that ratio), and right
+after drafting stops (bursts from ``first_burst`` that double, restarted at each resume
+of drafting and at each greedy request that starts plain). A request that follows plain
+decoding starts plain, its first steps shadow-probed (where drafting pays only
+near-perfect acceptance, one step in every few while the probes pass); one that follows
+drafting starts at most ``start_k`` deep. A request in the other sampling mode (greedy,
+sampled) than the last starts plain, from the prior. Only rounds measure round times:
+after a long plain run, where drafting could pay were rounds half as dear, one round
+runs to re-measure, and it re-scales every k's time (rarer while re-measures find the
+times right). Likewise, only plain steps measure the plain price: while drafting, after
+``plain_remeasure_every`` rounds without plain steps, where plain steps would win were
+they half as dear, a short plain burst re-measures it.
 """
 
 from __future__ import annotations
@@ -214,12 +211,12 @@ class AdaptiveController:
         plain_remeasure_weight: float = 0.7,
         sampled_probe_share: float = 0.25,
     ):
-        self.sampled_probe_share = sampled_probe_share
         self.k_max = k_max
         self.request_memory = request_memory
         self.carry_cap = carry_cap
         self.explore_every = explore_every
         self.shadow_budget = shadow_budget
+        self.sampled_probe_share = sampled_probe_share
         self.min_shadow_interval = min_shadow_interval
         self.max_shadow_interval = max_shadow_interval
         self.start_shadows = start_shadows
