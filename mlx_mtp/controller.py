@@ -89,12 +89,7 @@ class WallTimes:
     def line(self) -> Optional[Tuple[float, float]]:
         """(intercept, slope) of round time against k, weighted least squares; None below two k."""
         if self._line is None and len(self.rounds) >= 2:
-            pts = [(k, t, self.n[k]) for k, t in self.rounds.items()]
-            sw = sum(w for _, _, w in pts)
-            mk = sum(w * k for k, _, w in pts) / sw
-            mt = sum(w * t for _, t, w in pts) / sw
-            var = sum(w * (k - mk) ** 2 for k, _, w in pts)
-            slope = sum(w * (k - mk) * (t - mt) for k, t, w in pts) / var
+            mk, mt, slope = centred_line([(k, t, self.n[k]) for k, t in self.rounds.items()])
             self._line = (mt - slope * mk, slope)
         return self._line
 
@@ -314,12 +309,8 @@ class AdaptiveController:
         if len(pts) == 1:
             (m0, t0), slope = pts[0], 0.1 * pts[0][1] / pts[0][0]  # optimistic until measured
         else:
-            n = len(pts)
-            mx_ = sum(p[0] for p in pts) / n
-            my_ = sum(p[1] for p in pts) / n
-            var = sum((p[0] - mx_) ** 2 for p in pts)
-            slope = max(0.0, sum((p[0] - mx_) * (p[1] - my_) for p in pts) / var) if var else 0.0
-            m0, t0 = mx_, my_
+            m0, t0, slope = centred_line([(x, y, 1.0) for x, y in pts])
+            slope = max(0.0, slope)
         return max(1e-9, t0 + slope * (m - m0))
 
     def round_time(self, k: int) -> float:
@@ -853,6 +844,17 @@ def _tokens_by_k(accs: List[float]) -> List[float]:
 def _argmax(rates: List[float], low: int = 0) -> int:
     """Index of the highest rate at or above ``low`` (the smaller index on ties)."""
     return max(range(low, len(rates)), key=lambda k: (rates[k], -k))
+
+
+def centred_line(points: List[Tuple[float, float, float]]) -> Tuple[float, float, float]:
+    """Weighted least-squares line through ``(x, y, weight)`` points, as ``(mean x, mean y,
+    slope)``: the line is ``mean_y + slope * (x - mean_x)`` (slope 0 if every x is equal)."""
+    sw = sum(w for _, _, w in points)
+    mx = sum(w * x for x, _, w in points) / sw
+    my = sum(w * y for _, y, w in points) / sw
+    var = sum(w * (x - mx) ** 2 for x, _, w in points)
+    cov = sum(w * (x - mx) * (y - my) for x, y, w in points)
+    return mx, my, (cov / var if var else 0.0)
 
 
 def _backoff(interval: int, every: int, changed: bool) -> int:

@@ -102,10 +102,9 @@ def fresh() -> None:
 def on_line(points: Dict[int, float]) -> Dict[int, float]:
     """The values of ``points`` (k -> round time) on their least-squares line in k: round
     time is close to linear in k, and each k's own measurement carries its run's noise."""
-    mean_k = sum(points) / len(points)
-    mean_t = sum(points.values()) / len(points)
-    cov = sum((k - mean_k) * (t - mean_t) for k, t in points.items())
-    slope = cov / sum((k - mean_k) ** 2 for k in points)
+    from mlx_mtp.controller import centred_line
+
+    mean_k, mean_t, slope = centred_line([(k, t, 1.0) for k, t in points.items()])
     return {k: mean_t + slope * (k - mean_k) for k in points}
 
 

@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -341,11 +342,8 @@ def _cell(head: str, value):
 
 def _mean_se(xs: List[float]) -> tuple:
     """Mean and standard error of the mean (0 for fewer than two values)."""
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return round(mean, 4), 0.0
-    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
-    return round(mean, 4), round(math.sqrt(var / len(xs)), 4)
+    se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
+    return round(statistics.fmean(xs), 4), round(se, 4)
 
 
 if __name__ == "__main__":
