@@ -6,7 +6,9 @@ expected tokens per second, from what it measures during the run:
 * the cost of a drafter step and of a target forward verifying m tokens
   (from a few timed rounds; warm-up rounds are discarded), and
 * the probability that draft i is accepted given drafts 1..i-1 were
-  (exponentially decayed counts, so it follows a change of regime).
+  (exponentially decayed counts, so it follows a change of regime; when sampling,
+  each reached draft counts its pass probability ``sum(min(p, q))`` instead of its
+  pass or failure: the same mean, a fraction of the variance).
 
 Expected tokens of a round with k drafts: ``1 + sum_i prod_{j<=i} a_j``; its cost: the
 observed wall time of rounds with k drafts in the request's sampling mode (sampled
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Protocol, Set, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple, Union
 
 
 @dataclass
@@ -113,7 +115,7 @@ class Controller(Protocol):
 
     def observe_shadow(self, drafted: int, accepted: float) -> None: ...
 
-    def observe(self, k: int, accepted: int) -> None: ...
+    def observe(self, k: int, accepted: int, chances: Optional[Sequence[float]] = None) -> None: ...
 
     def observe_cost(self, k: int, timing: RoundTiming) -> None: ...
 
@@ -145,7 +147,7 @@ class FixedController:
     def observe_shadow(self, drafted: int, accepted: float) -> None:
         pass
 
-    def observe(self, k: int, accepted: int) -> None:
+    def observe(self, k: int, accepted: int, chances: Optional[Sequence[float]] = None) -> None:
         self.rounds += 1
 
     def observe_cost(self, k: int, timing: RoundTiming) -> None:
@@ -765,13 +767,21 @@ class AdaptiveController:
             self.max_shadow_odds, max(self.min_shadow_odds, self.shadow_odds * ratio)
         )
 
-    def observe(self, k: int, accepted: int) -> None:
-        """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed."""
+    def observe(self, k: int, accepted: int, chances: Optional[Sequence[float]] = None) -> None:
+        """Acceptance of one round: drafts 1..accepted passed, draft accepted+1 failed.
+
+        ``chances`` (sampling): each draft's probability to pass given the drafts before it
+        passed, ``sum(min(p, q))``.  Recorded for the drafts the round reached in place of
+        pass or fail: the same mean, and a fraction of the variance, so the estimate near
+        break-even no longer swings across it every few rounds."""
         self.rounds += 1
         self.rounds_since_plain += 1
         self.stale_round = self.plain_since_round >= self.remeasure_interval
         self.plain_since_round = 0
-        self._record(k, accepted)
+        if chances is None:
+            self._record(k, accepted)
+        else:
+            self._record_chances(k, chances[: min(k, accepted + 1)])
         self.k_cap = max(self.k_cap, 2 * accepted)
 
     def _record(self, k: int, accepted: float) -> None:
@@ -782,6 +792,14 @@ class AdaptiveController:
         for i in range(1, min(k, whole + 1) + 1):
             self.trials[i] += 1.0
             self.hits[i] += 1.0 if i <= whole else accepted - whole
+
+    def _record_chances(self, k: int, chances: Sequence[float]) -> None:
+        """Evidence of one sampled round that drafted k: draft i reached and passed with
+        probability ``chances[i - 1]``."""
+        self._decay(k)
+        for i, c in enumerate(chances, start=1):
+            self.trials[i] += 1.0
+            self.hits[i] += c
 
     def _decay(self, k: int) -> None:
         """Age the acceptance evidence by one round that drafted k."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
 import mlx.core as mx
 
@@ -202,30 +202,45 @@ def draft(
 
 def accept(
     logits: mx.array, drafts: mx.array, q: Optional[mx.array], sampler: Sampler
-) -> Tuple[mx.array, mx.array]:
-    """Number of accepted drafts and the token that follows them (lazy).
+) -> Tuple[mx.array, mx.array, Optional[mx.array]]:
+    """Number of accepted drafts, the token that follows them, and (sampling) each
+    draft's probability to pass given the drafts before it passed (all lazy).
 
     Greedy: longest prefix where the draft equals the target's argmax, then the
     target's own token.  Sampling: exact speculative sampling (accept ``d`` with
     probability ``min(1, p(d)/q(d))``, else resample from ``norm(max(0, p - q))``;
-    after k acceptances sample the bonus from ``p``).
+    after k acceptances sample the bonus from ``p``).  A draft drawn from ``q`` passes
+    with probability ``sum(min(p, q)) = 1 - sum(max(0, p - q))``, which the residual
+    already sums: the controller learns acceptance from it (see ``Controller.observe``).
     """
     k = drafts.shape[0]
     if k == 0:
-        return mx.array(0), sampler(logits[0])
+        return mx.array(0), sampler(logits[0]), None
     if sampler.greedy:
         target_tokens = mx.argmax(logits, axis=-1)
         n = mx.cumprod((drafts == target_tokens[:k]).astype(mx.int32)).sum()
-        return n, mx.take(target_tokens, n)
+        return n, mx.take(target_tokens, n), None
     p = sampler.probs(logits)  # [k+1, V]
     rows = mx.arange(k)
     p_d, q_d = p[rows, drafts], q[rows, drafts]
     ok = mx.random.uniform(shape=(k,)) * q_d < p_d
     n = mx.cumprod(ok.astype(mx.int32)).sum()
     residual = mx.maximum(p[:k] - q, 0.0)
-    residual = residual / mx.maximum(residual.sum(axis=-1, keepdims=True), 1e-30)
+    mass = residual.sum(axis=-1, keepdims=True)
+    residual = residual / mx.maximum(mass, 1e-30)
     dist = mx.concatenate([residual, p[k:]], axis=0)
-    return n, sample_from(mx.take(dist, n, axis=0))
+    return n, sample_from(mx.take(dist, n, axis=0)), mx.clip(1.0 - mass[:, 0], 0.0, 1.0)
+
+
+class RoundResult(NamedTuple):
+    """What one speculative round hands back: the tokens it emits (accepted drafts, then
+    the target's own), how many drafts passed, the next round's state, and (sampling)
+    each draft's probability to pass given the drafts before it passed."""
+
+    tokens: List[int]
+    accepted: int
+    state: RoundState
+    chances: Optional[List[float]] = None
 
 
 def mtp_round(
@@ -236,8 +251,9 @@ def mtp_round(
     k: int,
     sampler: Sampler,
     timing: Optional[RoundTiming] = None,
-) -> Tuple[List[int], int, RoundState]:
-    """One speculative round; returns emitted tokens, accepted drafts and the next state.
+) -> RoundResult:
+    """One speculative round: emitted tokens, accepted drafts, the next state and
+    (sampling) the drafts' pass probabilities.
 
     With ``timing`` the round synchronises once more, after drafting, to split
     drafter and target time (used on a few rounds to calibrate the controller).
@@ -250,14 +266,15 @@ def mtp_round(
         timing.draft = time.perf_counter() - t0
     t1 = time.perf_counter()
     out = target.forward(mx.concatenate([state.token, drafts])[None], cache, return_hidden=True)
-    n_arr, nxt = accept(out.logits[0], drafts, q, sampler)
-    mx.eval(n_arr, nxt, drafts)  # the round's one host synchronisation
+    n_arr, nxt, chances = accept(out.logits[0], drafts, q, sampler)
+    mx.eval(n_arr, nxt, drafts, *([] if chances is None else [chances]))  # the one sync
     if timing is not None:
         timing.verify = time.perf_counter() - t1
     n = n_arr.item()
     trim_cache(cache, k - n)  # drop the rejected drafts' K/V from every cache
     tokens = drafts[:n].tolist() + [nxt.item()]
-    return tokens, n, RoundState(nxt.reshape(1).astype(mx.int32), out.hidden[:, n : n + 1])
+    state = RoundState(nxt.reshape(1).astype(mx.int32), out.hidden[:, n : n + 1])
+    return RoundResult(tokens, n, state, None if chances is None else chances.tolist())
 
 
 def prefill(
@@ -547,10 +564,10 @@ def _mtp_steps(
             continue
         timing = RoundTiming() if controller.wants_timing() else None
         tic = time.perf_counter()
-        tokens, n, state = mtp_round(model, drafter, cache, state, k, sampler, timing)
+        tokens, n, state, chances = mtp_round(model, drafter, cache, state, k, sampler, timing)
         stats.target_forwards += 1
         stats.record_round(k, n)
-        controller.observe(k, n)
+        controller.observe(k, n, chances)
         for i, tok in enumerate(tokens):
             produced += 1
             yield tok, i < n

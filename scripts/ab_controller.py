@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import subprocess
 import sys
@@ -38,7 +39,17 @@ def controller_at(rev: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    return module.AdaptiveController
+    old = module.AdaptiveController
+    if "chances" in inspect.signature(old.observe).parameters:
+        return old
+
+    class WithoutChances(old):
+        """A revision before rounds reported sampled drafts' pass probabilities."""
+
+        def observe(self, k, accepted, chances=None):
+            super().observe(k, accepted)
+
+    return WithoutChances
 
 
 def run(target, drafter, ids, n, ctrl, temperature, seed):

@@ -15,10 +15,12 @@ decoding, every fixed k and ``AdaptiveController``, charging each round the cost
 for its k in the benchmark JSON (round time = tokens per target forward / tokens per second),
 with a lognormal jitter (``--jitter``) so the controller sees noisy costs as on a real
 machine.  The adversarial (sampled) class draws acceptance at random from the benchmark's
-measured acceptance by position.  ``--swing`` also scales each request's costs by a lognormal
-factor (the same for every configuration): this machine's plain decoding ran 50 tok/s in one
-request and 78 in the next, and a controller must price rounds and plain steps measured at
-different speeds. ``--controller-rev`` replays the controller of another git revision (compare
+measured acceptance by position: each draft's pass probability, ``sum(min(p, q))``, from a beta
+around its position's mean (variance 0.2 of a pass/fail's, as measured on the shared pair), then
+pass or fail with that probability; rounds and shadow probes report the probability.
+``--swing`` also scales each request's costs by a lognormal factor (the same for every
+configuration): this machine's plain decoding ran 50 tok/s in one request and 78 in the next,
+and a controller must price rounds and plain steps measured at different speeds. ``--controller-rev`` replays the controller of another git revision (compare
 two runs with the same seeds). ``--against REV`` also replays REV's controller on the same
 seeds and reports the mean per-seed difference of auto / best with its standard error (the
 seeds' jitter and swing hit both alike, so a pair separates smaller differences than two
@@ -173,7 +175,7 @@ def replay_request(
             for s in range(probes):  # shadow probes (cut at the burst end; _plain_run cuts them
                 # only where a round or the request end follows)
                 if trace is None:
-                    ctrl.observe_shadow(1, accept[0])  # the expected acceptance, as sum(min(p, q))
+                    ctrl.observe_shadow(1, chance(rng, accept[0]))  # as sum(min(p, q))
                     continue
                 avail = min(depth, steps - s)
                 n = min(avail, trace[produced - 1 + s])
@@ -184,12 +186,15 @@ def replay_request(
             continue
         timed = ctrl.wants_timing()
         if trace is not None:
-            n = min(k, trace[produced - 1])
+            n, chances = min(k, trace[produced - 1]), None
         else:
-            n = 0
-            while n < k and rng.random() < accept[n]:
+            n, chances = 0, []
+            while n < k:
+                chances.append(chance(rng, accept[n]))
+                if rng.random() >= chances[-1]:
+                    break
                 n += 1
-        ctrl.observe(k, n)
+        ctrl.observe(k, n, chances)
         dt = machine.seconds(kind, k)
         ctrl.observe_round_time(k, dt)
         if timed:
@@ -197,6 +202,21 @@ def replay_request(
             ctrl.observe_cost(k, RoundTiming(drafting, max(0.0, dt - drafting), dt))
         produced, total = produced + n + 1, total + dt
     return total
+
+
+# A sampled draft passes with probability sum(min(p, q)) at its position, which varies from token
+# to token around the position's acceptance: on the shared pair its variance was 0.10-0.25 of a
+# pass/fail's at the same mean (temperature 1 and 0.7).  Modelled as a beta of variance 0.2 of it.
+CHANCE_CONCENTRATION = 1 / 0.2 - 1
+
+
+def chance(rng: random.Random, mean: float) -> float:
+    """The pass probability, ``sum(min(p, q))``, of one sampled draft whose position passes
+    with probability ``mean`` on average."""
+    if mean <= 0.0 or mean >= 1.0:
+        return min(1.0, max(0.0, mean))
+    c = CHANCE_CONCENTRATION
+    return rng.betavariate(c * mean, c * (1 - mean))
 
 
 def replay_pair(traces, curves, seed: int, args, adaptive=AdaptiveController):

@@ -811,3 +811,52 @@ def test_a_plain_price_from_a_slow_stretch_is_measured_again_while_drafting():
         tail = simulate(ctrl, 1500, 0.5, verify, 2.0, rng)[-300:]
         assert tail.count(0) >= 0.8 * len(tail), (seed, tail[-40:])
         assert ctrl.plain_cost < 11.0, (seed, ctrl.plain_cost)
+
+
+def _sampled_drafting_share(ctrl, mean, rounds, rng, with_chances):
+    """A sampled request where each draft passes with its own probability (a beta around
+    ``mean``, as sum(min(p, q)) varies from token to token), a plain step costs 10 and a
+    one-draft round 15.5.  Shadow probes observe the probability; rounds observe it too
+    (``with_chances``) or only pass and fail.  Returns the share of tokens from rounds."""
+    verify = lambda m: 10.0 + 4.0 * (m - 1)  # noqa: E731
+    chance = lambda: rng.betavariate(4 * mean, 4 * (1 - mean))  # noqa: E731
+    ctrl.start_request(sampled=True)
+    drafted = total = 0
+    for _ in range(rounds):
+        k = ctrl.choose()
+        if k == 0:
+            burst = ctrl.plain_burst()
+            for _ in range(burst.probes):
+                ctrl.observe_shadow(1, chance())
+            ctrl.observe_plain(burst.steps, burst.steps * verify(1) + burst.probes, burst.probes)
+            total += burst.steps
+            continue
+        chances, n = [], 0
+        while n < k:
+            chances.append(chance())
+            if rng.random() >= chances[-1]:
+                break
+            n += 1
+        timed = ctrl.wants_timing()
+        ctrl.observe(k, n, chances if with_chances else None)
+        seconds = k * 1.0 + verify(k + 1) + 0.5
+        ctrl.observe_round_time(k, seconds)
+        if timed:
+            ctrl.observe_cost(k, RoundTiming(k * 1.0, verify(k + 1), seconds))
+        drafted, total = drafted + n + 1, total + n + 1
+    return drafted / total
+
+
+def test_sampled_rounds_that_report_pass_probabilities_keep_drafting_that_pays():
+    """Acceptance 0.7 where one-draft rounds pay ~10%.  From pass and fail alone the
+    estimate swings across break-even every few dozen rounds, and sampled probes come
+    rarely, so drafting stops for long stretches; each draft's reported pass probability
+    tells the same mean with a fifth of the variance."""
+    shares = {True: [], False: []}
+    for seed in range(3):
+        for with_chances in shares:
+            rng = random.Random(seed)
+            ctrl = AdaptiveController(k_max=8)
+            shares[with_chances].append(_sampled_drafting_share(ctrl, 0.7, 2000, rng, with_chances))
+    assert min(shares[True]) >= 0.95, shares
+    assert sum(shares[True]) >= sum(shares[False]) + 0.3, shares

@@ -212,7 +212,7 @@ def test_caches_after_each_round_equal_plain_decoding():
     state = RoundState(mx.argmax(logits).reshape(1).astype(mx.int32), hidden)
     seq = prompt + [state.token.item()]
     for _ in range(15):
-        tokens, n, state = mtp_round(model, drafter, cache, state, k, sampler)
+        tokens, n, state, _ = mtp_round(model, drafter, cache, state, k, sampler)
         seq += tokens
         ref = model.make_cache()
         model(mx.array(seq[:-1])[None], ref)  # plain decoding's cache holds all but the last token
@@ -308,7 +308,7 @@ class _ShadowEveryStep(FixedController):
         self.pos += self.burst
         return PlainBurst(self.burst, self.burst, self.depth)
 
-    def observe(self, k, accepted):
+    def observe(self, k, accepted, chances=None):
         self.pos += accepted + 1
 
     def observe_shadow(self, drafted, accepted):

@@ -6,8 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mtp.sampling import Sampler
-from mlx_mtp.speculative import GenerationStats, generate_tokens
+from mlx_mtp.sampling import Sampler, sample_from
+from mlx_mtp.speculative import GenerationStats, accept, generate_tokens
 from tiny_mlx import make_pair
 
 VOCAB = 6
@@ -128,3 +128,41 @@ def test_top_p_and_top_k_distributions():
     np.testing.assert_allclose(p[:2], full[:2] / full[:2].sum(), rtol=1e-6)
     p = np.array(Sampler(1.0, top_k=1).probs(logits))[0]
     np.testing.assert_allclose(p, [1, 0, 0, 0])
+
+
+def _draft_distributions(seed, k, vocab, sampler):
+    """Target logits for k + 1 positions and drafter distributions for k: the drafter's
+    logits are the target's, perturbed (a drafter that half agrees with its target)."""
+    rng = np.random.default_rng(seed)
+    target = 2.0 * rng.normal(size=(k + 1, vocab))
+    drafter = target[:k] + 1.5 * rng.normal(size=(k, vocab))
+    return mx.array(target.astype(np.float32)), sampler.probs(mx.array(drafter.astype(np.float32)))
+
+
+@pytest.mark.parametrize("sampler", [Sampler(1.0), Sampler(0.7, top_p=0.9, top_k=20)])
+def test_sampled_rounds_report_each_drafts_pass_probability(sampler):
+    """``accept`` reports sum(min(p, q)) per draft, from the filtered distributions it
+    samples from (the controller learns acceptance from it); greedy rounds report none."""
+    logits, q = _draft_distributions(0, 3, 40, sampler)
+    _, _, chances = accept(logits, mx.array([0, 1, 2]), q, sampler)
+    p = np.array(sampler.probs(logits))
+    want = np.minimum(p[:3], np.array(q)).sum(axis=-1)
+    np.testing.assert_allclose(np.array(chances), want, atol=1e-5)
+    assert 0.05 < want.min() and want.max() < 0.95, "the check needs non-trivial chances"
+    assert accept(logits, mx.array([0, 1, 2]), None, Sampler())[2] is None
+
+
+def test_a_drafts_reported_pass_probability_is_how_often_it_passes():
+    """Drafts drawn from q pass as often as the reported chance says (4 standard errors)."""
+    sampler = Sampler(1.0)
+    logits, q = _draft_distributions(1, 1, 12, sampler)
+    mx.random.seed(3)
+    trials, passed, chance = 2000, 0, None
+    for _ in range(trials):
+        d = sample_from(q[0])[None].astype(mx.int32)
+        n, _, chances = accept(logits, d, q, sampler)
+        passed += n.item()
+        chance = chances[0].item()
+    se = (chance * (1 - chance) / trials) ** 0.5
+    assert 0.1 < chance < 0.9, chance
+    assert abs(passed / trials - chance) < 4 * se, (passed / trials, chance)
