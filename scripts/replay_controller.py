@@ -20,8 +20,9 @@ around its position's mean (variance 0.2 of a pass/fail's, as measured on the sh
 pass or fail with that probability; rounds and shadow probes report the probability.
 ``--swing`` also scales each request's costs by a lognormal factor (the same for every
 configuration): this machine's plain decoding ran 50 tok/s in one request and 78 in the next,
-and a controller must price rounds and plain steps measured at different speeds. ``--controller-rev`` replays the controller of another git revision (compare
-two runs with the same seeds). ``--against REV`` also replays REV's controller on the same
+and a controller must price rounds and plain steps measured at different speeds.
+``--controller-rev`` replays the controller of another git revision (compare two runs with the
+same seeds). ``--against REV`` also replays REV's controller on the same
 seeds and reports the mean per-seed difference of auto / best with its standard error (the
 seeds' jitter and swing hit both alike, so a pair separates smaller differences than two
 means). ``--smooth`` charges rounds a line fitted through the measured costs of k = 1..8: each
