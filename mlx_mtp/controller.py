@@ -15,7 +15,10 @@ observed wall time of rounds with k drafts in the request's sampling mode (sampl
 rounds cost more than greedy ones, see ``WallTimes``), smoothed by a line fitted through
 the times of all observed k (for an unobserved k, the lower of the line and the model
 ``overhead + k * c_draft + T(k + 1)`` from split-timed rounds). k = 0 is a plain
-decoding step. Drafting gives way to it only when plain steps are estimated faster, but
+decoding step. Times are kept at a reference speed: every timed round or plain burst also
+moves an estimate of how fast the machine runs now (the more, the longer it ran), so a
+change that slows or speeds up rounds and plain steps alike re-prices both at once, whichever
+of them is running. Drafting gives way to it only when plain steps are estimated faster, but
 it gives way to drafting only when drafting is estimated ``draft_margin`` faster
 (hysteresis: drafting keeps measuring acceptance, plain steps do not). While at k = 0,
 the controller keeps measuring acceptance with shadow probes: a plain step now and then
@@ -207,6 +210,8 @@ class AdaptiveController:
         plain_remeasure_steps: int = 6,
         plain_remeasure_weight: float = 0.7,
         sampled_probe_share: float = 0.25,
+        speed_halflife: float = 4.0,
+        max_speed_gain: float = 0.8,
     ):
         self.k_max = k_max
         self.request_memory = request_memory
@@ -214,6 +219,11 @@ class AdaptiveController:
         self.explore_every = explore_every
         self.shadow_budget = shadow_budget
         self.sampled_probe_share = sampled_probe_share
+        self.speed_halflife = speed_halflife
+        self.max_speed_gain = max_speed_gain
+        # How slow the machine runs now relative to when the prices were first taken: every
+        # price is kept at reference speed (seconds / speed), see _track_speed.
+        self.speed = 1.0
         self.min_shadow_interval = min_shadow_interval
         self.max_shadow_interval = max_shadow_interval
         self.start_shadows = start_shadows
@@ -714,9 +724,9 @@ class AdaptiveController:
         remeasure, self.plain_remeasuring = self.plain_remeasuring, False
         if steps >= 2:
             self.rounds_since_plain = 0
-            seconds -= drafter_steps * (self.draft_cost or 0.0)
             own = self._walls()[0]
-            per_step = max(seconds, 1e-9) / steps
+            seconds -= drafter_steps * (self.draft_cost or 0.0) * self.speed
+            per_step = self._track_speed(own.plain, max(seconds, 1e-9) / steps, seconds)
             if remeasure and own.plain is not None:
                 # A re-measure outweighs the old price (it is the stale one); while prices
                 # hold, re-measures come rarer (up to 8x), one that finds a change restores them.
@@ -815,10 +825,11 @@ class AdaptiveController:
         """Costs measured on a timed round (warm-up rounds are ignored)."""
         if self.rounds <= self.warmup_rounds:
             return
-        self.verify_cost[k + 1] = _ema(self.verify_cost.get(k + 1), timing.verify)
+        verify, draft = timing.verify / self.speed, timing.draft / self.speed
+        self.verify_cost[k + 1] = _ema(self.verify_cost.get(k + 1), verify)
         if k > 0:
-            self.draft_cost = _ema(self.draft_cost, timing.draft / k)
-        rest = max(0.0, timing.total - timing.draft - timing.verify)
+            self.draft_cost = _ema(self.draft_cost, draft / k)
+        rest = max(0.0, timing.total / self.speed - draft - verify)
         self.overhead = rest if self.overhead_n == 0 else 0.7 * self.overhead + 0.3 * rest
         self.overhead_n += 1
 
@@ -833,15 +844,36 @@ class AdaptiveController:
             return
         walls = self._walls()[0]
         if self.stale_round and k in walls.rounds:
-            # The first round after a long plain run: the machine's speed may have changed
-            # since rounds were last timed, for every k alike.
-            changed = walls.rescale(seconds / walls.rounds[k], self.stale_weight)
+            # The first round after a long plain run: plain steps tracked the machine's speed
+            # meanwhile, but rounds may have sped up or slowed down unlike them.
+            changed = walls.rescale(seconds / self.speed / walls.rounds[k], self.stale_weight)
             # On text where drafting does not pay each re-measure costs a little.
             self.remeasure_interval = _backoff(
                 self.remeasure_interval, self.remeasure_every, changed
             )
         else:
-            walls.observe(k, seconds, self.max_round_weight)
+            price = self._track_speed(walls.rounds.get(k), seconds, seconds)
+            walls.observe(k, price, self.max_round_weight)
+
+    def _track_speed(self, price: Optional[float], seconds: float, duration: float) -> float:
+        """``seconds`` observed for something priced ``price`` at reference speed (None:
+        not yet priced), over ``duration`` seconds of wall time: move ``speed`` towards the
+        ratio (the more, the longer the observation: half way per ``speed_halflife``) and
+        return the observation at reference speed.
+
+        This shared machine runs one request 30% slower or faster than the last (another
+        process, the clock), for plain steps and rounds alike, and only one of them runs at
+        a time: priced in seconds, rounds timed in a fast request and plain steps in a slow
+        one looked cheap for the rest of the run.  At reference speed, a change that hits
+        both moves neither's price, and what plain steps see re-prices rounds (and the
+        reverse) at once.  An observation moves at most 1.5x at a time (a hiccup)."""
+        step = self.plain_cost
+        if price is not None and step is not None:
+            ratio = min(1.5, max(1 / 1.5, seconds / (self.speed * price)))
+            steps = duration / (self.speed * step)  # the observation's length in plain steps
+            gain = min(self.max_speed_gain, 1.0 - 0.5 ** (steps / self.speed_halflife))
+            self.speed *= ratio**gain
+        return seconds / self.speed
 
     def wants_timing(self) -> bool:
         r = self.rounds
