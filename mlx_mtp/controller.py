@@ -797,15 +797,12 @@ class AdaptiveController:
     def _record(self, k: int, accepted: float) -> None:
         """Evidence of one round (or shadow probe) that drafted k: the first ``accepted``
         passed, the next failed; a fractional part is the next draft's chance to pass."""
-        self._decay(k)
-        whole = int(accepted)
-        for i in range(1, min(k, whole + 1) + 1):
-            self.trials[i] += 1.0
-            self.hits[i] += 1.0 if i <= whole else accepted - whole
+        whole = min(k, int(accepted))
+        self._record_chances(k, [1.0] * whole + ([accepted - whole] if whole < k else []))
 
     def _record_chances(self, k: int, chances: Sequence[float]) -> None:
-        """Evidence of one sampled round that drafted k: draft i reached and passed with
-        probability ``chances[i - 1]``."""
+        """Evidence of one round that drafted k: draft i was reached and passed with
+        probability ``chances[i - 1]`` (1 or 0 where it is known to have passed or failed)."""
         self._decay(k)
         for i, c in enumerate(chances, start=1):
             self.trials[i] += 1.0
