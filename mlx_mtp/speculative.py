@@ -267,7 +267,7 @@ def mtp_round(
     t1 = time.perf_counter()
     out = target.forward(mx.concatenate([state.token, drafts])[None], cache, return_hidden=True)
     n_arr, nxt, chances = accept(out.logits[0], drafts, q, sampler)
-    mx.eval(n_arr, nxt, drafts, *([] if chances is None else [chances]))  # the one sync
+    mx.eval(n_arr, nxt, drafts, chances)  # the round's one host synchronisation
     if timing is not None:
         timing.verify = time.perf_counter() - t1
     n = n_arr.item()

@@ -22,10 +22,9 @@ pass or fail with that probability; rounds and shadow probes report the probabil
 configuration): this machine's plain decoding ran 50 tok/s in one request and 78 in the next,
 and a controller must price rounds and plain steps measured at different speeds.
 ``--controller-rev`` replays the controller of another git revision (compare two runs with the
-same seeds). ``--against REV`` also replays REV's controller on the same
-seeds and reports the mean per-seed difference of auto / best with its standard error (the
-seeds' jitter and swing hit both alike, so a pair separates smaller differences than two
-means). ``--smooth`` charges rounds a line fitted through the measured costs of k = 1..8: each
+same seeds). ``--against REV`` also replays REV's controller on the same seeds and reports the
+mean per-seed difference of auto / best with its standard error (the seeds' jitter and swing
+hit both alike, so a pair separates smaller differences than two means). ``--smooth`` charges rounds a line fitted through the measured costs of k = 1..8: each
 k's cost carries the benchmark's noise, and the best fixed k in a replay profits from a k
 measured lucky (openblas bfloat16 code: k = 5 at 2.83 plain steps, between k = 4 at 3.08 and
 k = 6 at 3.54).
