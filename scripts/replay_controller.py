@@ -24,10 +24,10 @@ and a controller must price rounds and plain steps measured at different speeds.
 ``--controller-rev`` replays the controller of another git revision (compare two runs with the
 same seeds). ``--against REV`` also replays REV's controller on the same seeds and reports the
 mean per-seed difference of auto / best with its standard error (the seeds' jitter and swing
-hit both alike, so a pair separates smaller differences than two means). ``--smooth`` charges rounds a line fitted through the measured costs of k = 1..8: each
-k's cost carries the benchmark's noise, and the best fixed k in a replay profits from a k
-measured lucky (openblas bfloat16 code: k = 5 at 2.83 plain steps, between k = 4 at 3.08 and
-k = 6 at 3.54).
+hit both alike, so a pair separates smaller differences than two means). ``--smooth`` charges
+rounds a line fitted through the measured costs of k = 1..8: each k's cost carries the
+benchmark's noise, and the best fixed k in a replay profits from a k measured lucky (openblas
+bfloat16 code: k = 5 at 2.83 plain steps, between k = 4 at 3.08 and k = 6 at 3.54).
 
 Prints auto / max(plain, best fixed k) per (regime, dtype, class) averaged over ``--seeds``
 jitter seeds, and writes them as JSON.
