@@ -211,6 +211,7 @@ class AdaptiveController:
         plain_remeasure_weight: float = 0.7,
         sampled_probe_share: float = 0.25,
         speed_halflife: float = 4.0,
+        min_priced_steps: int = 16,
         max_speed_gain: float = 0.8,
     ):
         self.k_max = k_max
@@ -220,6 +221,9 @@ class AdaptiveController:
         self.shadow_budget = shadow_budget
         self.sampled_probe_share = sampled_probe_share
         self.speed_halflife = speed_halflife
+        self.min_priced_steps = min_priced_steps
+        # Plain steps (steps, seconds, drafter steps) not priced yet: see observe_plain.
+        self.unpriced: Tuple[int, float, int] = (0, 0.0, 0)
         self.max_speed_gain = max_speed_gain
         # How slow the machine runs now relative to when the prices were first taken: every
         # price is kept at reference speed (seconds / speed), see _track_speed.
@@ -429,6 +433,7 @@ class AdaptiveController:
             self.odds_rising = False
         self.k_cap = self.start_k
         self.request_start = True
+        self.unpriced = (0, 0.0, 0)
 
     def choose(self) -> int:
         calibrating = self.rounds - self.warmup_rounds
@@ -617,16 +622,20 @@ class AdaptiveController:
     def remeasure_k(self) -> int:
         """A k to run one drafting round of although plain steps are estimated faster (0:
         none): when no round ran for ``remeasure_interval`` plain steps and drafting could
-        pay were rounds ``remeasure_drop`` cheaper than their recorded times, the k that
-        would then be best at the estimated acceptance.
+        pay were rounds ``remeasure_drop`` cheaper than their recorded times, the most often
+        measured k (of those, the nearest the k that would then be best at the estimated
+        acceptance).
 
         Only rounds measure round times, while plain steps are measured all the time: where
         the machine was slow while it drafted (another process, the CPU clocking down) and
         is fast again by the time it runs plain steps, rounds stay priced slow against plain
         steps priced fast, and without a round nothing corrects it (a CPU hog during four
         4-bit requests left rounds priced at twice their time, and every later request ran
-        plain).  The round re-scales every k's time (see ``observe_round_time``); while
-        re-measures find the times right, they come rarer.
+        plain).  The round re-scales every k's time (see ``observe_round_time``), so its k
+        is one whose time is well known: a rarely seen k's own error re-scaled them all (a
+        one-draft round, priced from the line, moved 4-bit rounds 10% dearer, and prose
+        where drafting pays 10% ran plain for twelve requests).  While re-measures find the
+        times right, they come rarer.
         """
         if self.plain_since_round < self.remeasure_interval:
             return 0
@@ -635,7 +644,9 @@ class AdaptiveController:
         if self._fewest_paying_k(1.0, cheaper) is None:
             return 0  # drafting could not pay even then
         tokens = self._expected_tokens_all()
-        return min(_argmax([tokens[k] / cheaper[k] for k in range(self.k_max + 1)], 1), self.k_cap)
+        ideal = min(_argmax([tokens[k] / cheaper[k] for k in range(self.k_max + 1)], 1), self.k_cap)
+        seen = self._walls()[0].n
+        return max(seen, key=lambda j: (seen[j], -abs(j - ideal))) if seen else ideal
 
     def shadow_depth(self) -> int:
         """Drafts per shadow probe: the fewest whose round would beat plain steps (by the
@@ -719,14 +730,30 @@ class AdaptiveController:
     def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
         """Plain steps timed in steady state (token read to token read, the pipeline full),
         their wall time and the shadow probes' drafter steps among them: the k = 0 option's
-        price."""
+        price.
+
+        Bursts are priced together until they span ``min_priced_steps`` (but for a
+        re-measure, see _plain_price_stale): a shadow probe's drafter steps run
+        asynchronously, after its step's token can be read, so part of their time lands in
+        the steps after it, possibly the next burst's, and a burst of two or three steps
+        times little more than the switch from or to a round.  Priced alone, short bursts
+        (an opening run: two steps and a three-draft probe) looked up to 40% cheaper than a
+        plain step, each cut the plain price by up to 10%, and on 4-bit weights, where
+        drafting pays ~10% at best, it soon could not pay at any acceptance (4-bit prose ran
+        plain for the rest of the run)."""
         self.plain_since_round += steps
         remeasure, self.plain_remeasuring = self.plain_remeasuring, False
+        n, t, d = self.unpriced
+        steps, seconds, drafter_steps = n + steps, t + seconds, d + drafter_steps
+        if steps < self.min_priced_steps and not remeasure:
+            self.unpriced = (steps, seconds, drafter_steps)
+            return
+        self.unpriced = (0, 0.0, 0)
         if steps >= 2:
             self.rounds_since_plain = 0
             own = self._walls()[0]
-            seconds -= drafter_steps * (self.draft_cost or 0.0) * self.speed
-            per_step = self._track_speed(own.plain, max(seconds, 1e-9) / steps, seconds)
+            seconds = max(1e-9, seconds - drafter_steps * (self.draft_cost or 0.0) * self.speed)
+            per_step = self._track_speed(own.plain, seconds / steps, seconds)
             if remeasure and own.plain is not None:
                 # A re-measure outweighs the old price (it is the stale one); while prices
                 # hold, re-measures come rarer (up to 8x), one that finds a change restores them.
@@ -786,6 +813,7 @@ class AdaptiveController:
         break-even no longer swings across it every few rounds."""
         self.rounds += 1
         self.rounds_since_plain += 1
+        self.unpriced = (0, 0.0, 0)  # their probes' time spilled into this round
         self.stale_round = self.plain_since_round >= self.remeasure_interval
         self.plain_since_round = 0
         if chances is None:
