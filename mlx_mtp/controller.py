@@ -169,8 +169,11 @@ class AdaptiveController:
     # Timed rounds at several k measure the verify-cost curve and the drafter cost; the one
     # k = 0 entry, a short plain burst, prices plain steps, which are pipelined and cost less
     # than a 1-token verify round (extrapolating the verify curve to 1 token overprices them).
+    # Its first step's wait is the switch from a round and its last step is read after the
+    # controller is told (see speculative._plain_run), so 16 steps are timed: enough to be
+    # priced (see min_priced_steps).
     CALIBRATION = (4, 2, 0, 6, 3)
-    CALIBRATION_BURST = 16
+    CALIBRATION_BURST = 18
 
     def __init__(
         self,
@@ -632,10 +635,10 @@ class AdaptiveController:
         steps priced fast, and without a round nothing corrects it (a CPU hog during four
         4-bit requests left rounds priced at twice their time, and every later request ran
         plain).  The round re-scales every k's time (see ``observe_round_time``), so its k
-        is one whose time is well known: a rarely seen k's own error re-scaled them all (a
-        one-draft round, priced from the line, moved 4-bit rounds 10% dearer, and prose
-        where drafting pays 10% ran plain for twelve requests).  While re-measures find the
-        times right, they come rarer.
+        is one whose time is well known: a rarely seen k's own error re-scaled them all
+        (4-bit, round prices set 15% too dear: each one-draft re-measure, priced from the
+        line, made them 5-10% dearer still, and prose where drafting pays 10% ran plain for
+        twelve requests).  While re-measures find the times right, they come rarer.
         """
         if self.plain_since_round < self.remeasure_interval:
             return 0

@@ -927,3 +927,30 @@ def test_a_remeasure_round_runs_at_a_well_measured_k():
             ks.append(k)
             draft_round(ctrl, k, lambda: rng.random() < 0.3, verify, 0.3, 0.5)
     assert measured.get(ks[0], 0) == max(measured.values()), (ks, measured)
+
+
+def test_calibration_prices_plain_steps_in_generation():
+    """The calibration's plain burst is the first plain price.  Its first step's wait is the
+    switch from a round and is not timed, and bursts are priced only once they span
+    ``min_priced_steps`` (a round drops what is left): the burst must still span them."""
+
+    class Recording(AdaptiveController):
+        def choose(self) -> int:
+            if self.rounds - self.warmup_rounds == len(self.CALIBRATION) and not self.seen:
+                self.seen.append(self.walls[False].plain)  # the first choice after calibration
+            return super().choose()
+
+    model, drafter = make_pair(seed=0, window=8)
+    ctrl = Recording()
+    ctrl.seen = []
+    list(
+        generate_tokens(
+            model,
+            list(range(4, 24)),
+            max_tokens=100,
+            sampler=Sampler(),
+            draft_model=drafter,
+            controller=ctrl,
+        )
+    )
+    assert len(ctrl.seen) == 1 and ctrl.seen[0] is not None
