@@ -636,9 +636,9 @@ class AdaptiveController:
         4-bit requests left rounds priced at twice their time, and every later request ran
         plain).  The round re-scales every k's time (see ``observe_round_time``), so its k
         is one whose time is well known: a rarely seen k's own error re-scaled them all
-        (4-bit, round prices set 15% too dear: each one-draft re-measure, priced from the
-        line, made them 5-10% dearer still, and prose where drafting pays 10% ran plain for
-        twelve requests).  While re-measures find the times right, they come rarer.
+        (4-bit, round prices set 15% too dear: a one-draft re-measure, priced from the line,
+        made them 10% dearer still, and prose where drafting pays 10% ran plain for twelve
+        requests).  While re-measures find the times right, they come rarer.
         """
         if self.plain_since_round < self.remeasure_interval:
             return 0
