@@ -711,6 +711,21 @@ def test_short_requests_still_probe():
     assert all(len(ks) >= 3 for ks in drafted[-20:]), [len(ks) for ks in drafted]
 
 
+def _generate_greedy(ctrl, max_tokens):
+    """Greedy generation on the tiny random pair (window 8) with ``ctrl``; returns the tokens."""
+    model, drafter = make_pair(seed=0, window=8)
+    return list(
+        generate_tokens(
+            model,
+            list(range(4, 24)),
+            max_tokens=max_tokens,
+            sampler=Sampler(),
+            draft_model=drafter,
+            controller=ctrl,
+        )
+    )
+
+
 @pytest.mark.parametrize("burst, timed", [(1000, [28]), (10, [8, 10, 10])])
 def test_generation_reports_plain_steps_at_each_burst_end(burst, timed):
     """The decoding loop tells the controller how many plain steps it timed at each burst's
@@ -729,19 +744,9 @@ def test_generation_reports_plain_steps_at_each_burst_end(burst, timed):
         def observe_plain(self, steps: int, seconds: float, drafter_steps: int = 0) -> None:
             self.ran.append(steps)
 
-    model, drafter = make_pair(seed=0, window=8)
     ctrl = PlainOnly()
     ctrl.ran, ctrl.asked = [], 0
-    out = list(
-        generate_tokens(
-            model,
-            list(range(4, 24)),
-            max_tokens=30,
-            sampler=Sampler(),
-            draft_model=drafter,
-            controller=ctrl,
-        )
-    )
+    out = _generate_greedy(ctrl, 30)
     assert len(out) == 30
     assert ctrl.ran == timed
     assert ctrl.asked == len(timed)  # once at the start, then at each burst's end
@@ -940,17 +945,7 @@ def test_calibration_prices_plain_steps_in_generation():
                 self.seen.append(self.walls[False].plain)  # the first choice after calibration
             return super().choose()
 
-    model, drafter = make_pair(seed=0, window=8)
     ctrl = Recording()
     ctrl.seen = []
-    list(
-        generate_tokens(
-            model,
-            list(range(4, 24)),
-            max_tokens=100,
-            sampler=Sampler(),
-            draft_model=drafter,
-            controller=ctrl,
-        )
-    )
+    _generate_greedy(ctrl, 100)
     assert len(ctrl.seen) == 1 and ctrl.seen[0] is not None
