@@ -49,6 +49,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple, Union
 
+NOTHING_UNPRICED = (0, 0.0, 0)  # (steps, seconds, drafter steps): see observe_plain
+
 
 @dataclass
 class RoundTiming:
@@ -226,7 +228,7 @@ class AdaptiveController:
         self.speed_halflife = speed_halflife
         self.min_priced_steps = min_priced_steps
         # Plain steps (steps, seconds, drafter steps) not priced yet: see observe_plain.
-        self.unpriced: Tuple[int, float, int] = (0, 0.0, 0)
+        self.unpriced: Tuple[int, float, int] = NOTHING_UNPRICED
         self.max_speed_gain = max_speed_gain
         # How slow the machine runs now relative to when the prices were first taken: every
         # price is kept at reference speed (seconds / speed), see _track_speed.
@@ -436,7 +438,7 @@ class AdaptiveController:
             self.odds_rising = False
         self.k_cap = self.start_k
         self.request_start = True
-        self.unpriced = (0, 0.0, 0)
+        self.unpriced = NOTHING_UNPRICED
 
     def choose(self) -> int:
         calibrating = self.rounds - self.warmup_rounds
@@ -751,7 +753,7 @@ class AdaptiveController:
         if steps < self.min_priced_steps and not remeasure:
             self.unpriced = (steps, seconds, drafter_steps)
             return
-        self.unpriced = (0, 0.0, 0)
+        self.unpriced = NOTHING_UNPRICED
         if steps >= 2:
             self.rounds_since_plain = 0
             own = self._walls()[0]
@@ -816,7 +818,7 @@ class AdaptiveController:
         break-even no longer swings across it every few rounds."""
         self.rounds += 1
         self.rounds_since_plain += 1
-        self.unpriced = (0, 0.0, 0)  # their probes' time spilled into this round
+        self.unpriced = NOTHING_UNPRICED  # their probes' time spilled into this round
         self.stale_round = self.plain_since_round >= self.remeasure_interval
         self.plain_since_round = 0
         if chances is None:
