@@ -214,6 +214,8 @@ class AdaptiveController:
         plain_remeasure_every: int = 128,
         plain_remeasure_steps: int = 6,
         plain_remeasure_weight: float = 0.7,
+        close_call: float = 0.1,
+        close_call_rounds: int = 64,
         sampled_probe_share: float = 0.25,
         speed_halflife: float = 4.0,
         min_priced_steps: int = 16,
@@ -245,6 +247,9 @@ class AdaptiveController:
         self.plain_remeasure_every = plain_remeasure_every
         self.plain_remeasure_steps = plain_remeasure_steps
         self.plain_remeasure_weight = plain_remeasure_weight
+        self.close_call = close_call
+        self.close_call_rounds = close_call_rounds
+        self.close_share = 0.0  # share of recent drafting choices that were close calls
         self.max_shadow_odds = max_shadow_odds
         self.min_shadow_odds = min_shadow_odds
         self.full_value_gain = full_value_gain
@@ -289,6 +294,7 @@ class AdaptiveController:
         self.rounds_since_plain = 0  # drafting rounds since plain steps were last timed
         self.plain_remeasure_interval = plain_remeasure_every  # grows while prices hold
         self.plain_remeasuring = False  # the coming plain burst re-measures the plain price
+        self.remeasure_close = False  # ... in a close call (see _plain_price_stale)
         self.plain_remeasures = 0  # plain bursts run to re-measure the plain price
 
     # -- estimates --------------------------------------------------------
@@ -468,9 +474,13 @@ class AdaptiveController:
                 if k > 0:
                     self.remeasures += 1
                     return self._chosen(k)  # a round to re-measure its cost, not a resume
+            if k > 0:
+                close = float(self._close_call(rates, k))
+                self.close_share += (close - self.close_share) / self.close_call_rounds
             if k > 0 and self.drafting and self._plain_price_stale(rates, k):
                 self.plain_remeasures += 1
                 self.plain_remeasuring = True
+                self.remeasure_close = self._in_close_call()
                 return self._chosen(0)  # a plain burst to re-measure its price; drafting goes on
             if k > 0 and not self.drafting:
                 # Drafting resumes: should it stop again, the first plain bursts are short
@@ -506,7 +516,10 @@ class AdaptiveController:
             self.rounds += 1
             return PlainBurst(self.CALIBRATION_BURST)  # prices plain steps: no drafter time
         if self.plain_remeasuring:
-            return PlainBurst(self.plain_remeasure_steps)  # no probes: rounds measure acceptance
+            # A close call's re-measure prices plain steps on its own: as many timed steps
+            # as the calibration's.
+            steps = self.CALIBRATION_BURST if self.remeasure_close else self.plain_remeasure_steps
+            return PlainBurst(steps)  # no probes: rounds measure acceptance
         depth = self.shadow_depth()
         if self.starting_plain:
             opening = self._opening_probes(depth)
@@ -619,10 +632,33 @@ class AdaptiveController:
         drafted at 0.92 of plain decoding).  So after ``plain_remeasure_interval`` rounds
         without plain steps, where plain steps would be chosen were they half as dear as
         recorded, a burst of ``plain_remeasure_steps`` re-measures them.  Where drafting
-        gains more than twice, no price drop could change the choice, and none runs."""
-        if self.rounds_since_plain < self.plain_remeasure_interval:
+        gains more than twice, no price drop could change the choice, and none runs.
+
+        In a close call (drafting estimated to gain less than ``close_call`` at most recent
+        choices, see _in_close_call) a few percent of price error decide the choice, and a
+        plain burst costs next to nothing there: the
+        re-measure comes every ``plain_remeasure_every`` rounds, without backing off, and is
+        long enough to price plain steps against the rounds on its own (see observe_plain).
+        Sampled random text, bfloat16: one-draft rounds priced 7% cheap drafted eight whole
+        requests at 0.95 of plain decoding."""
+        interval = self.plain_remeasure_interval
+        if self._in_close_call():
+            interval = min(interval, self.plain_remeasure_every)
+        if self.rounds_since_plain < interval:
             return False
         return rates[0] / (1 - self.remeasure_drop) >= rates[k]
+
+    def _close_call(self, rates: List[float], k: int) -> bool:
+        """Is drafting k estimated to gain less than ``close_call`` over plain steps?"""
+        return rates[k] < (1 + self.close_call) * rates[0]
+
+    def _in_close_call(self) -> bool:
+        """Were most recent drafting choices close calls (a moving share over about
+        ``close_call_rounds`` choices)?  A dip of the acceptance estimate on text where
+        drafting pays well (prose, bfloat16: gains of 60%) passes sooner, and an 18-step
+        re-measure there forgoes most of its gain (same-process A/B, re-measuring at any
+        close call: prose -2.9%).  Not a streak: the estimate crosses the line now and then."""
+        return self.close_share > 0.5
 
     def remeasure_k(self) -> int:
         """A k to run one drafting round of although plain steps are estimated faster (0:
@@ -758,17 +794,25 @@ class AdaptiveController:
             self.rounds_since_plain = 0
             own = self._walls()[0]
             seconds = max(1e-9, seconds - drafter_steps * (self.draft_cost or 0.0) * self.speed)
-            per_step = self._track_speed(own.plain, seconds / steps, seconds)
             if remeasure and own.plain is not None:
                 # A re-measure outweighs the old price (it is the stale one); while prices
                 # hold, re-measures come rarer (up to 8x), one that finds a change restores them.
+                if self.remeasure_close:
+                    # The rounds just before it timed the machine's speed, so the surprise is
+                    # the plain price's alone.  (Through _track_speed most of it went into the
+                    # speed, which the next rounds took back: rounds priced cheap stayed
+                    # cheap.)  Only a long burst is precise enough for that: four timed steps
+                    # vary by 10%.
+                    per_step = seconds / steps / self.speed
+                else:
+                    per_step = self._track_speed(own.plain, seconds / steps, seconds)
                 changed = abs(per_step / own.plain - 1.0) > 0.1
                 self.plain_remeasure_interval = _backoff(
                     self.plain_remeasure_interval, self.plain_remeasure_every, changed
                 )
                 own.plain = _ema(own.plain, per_step, self.plain_remeasure_weight)
             else:
-                own.plain = _ema(own.plain, per_step)
+                own.plain = _ema(own.plain, self._track_speed(own.plain, seconds / steps, seconds))
 
     def observe_shadow(self, drafted: int, accepted: float) -> None:
         """A shadow probe: ``drafted`` drafts at a plain step, scored against the target's

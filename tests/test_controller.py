@@ -705,10 +705,17 @@ def test_short_requests_still_probe():
     for _ in range(40):  # text the drafter cannot guess
         _request(ctrl, 32, False, verify)
     assert ctrl.best_k() == 0
-    drafted = [_request(ctrl, 32, True, verify) for _ in range(40)]  # easy text again
+    drafted, remeasured = [], []
+    for _ in range(40):  # easy text again
+        before = ctrl.plain_remeasures
+        drafted.append(_request(ctrl, 32, True, verify))
+        remeasured.append(ctrl.plain_remeasures > before)
     first = next((i for i, ks in enumerate(drafted) if len(ks) >= 3), None)
     assert first is not None and first <= 5, [len(ks) for ks in drafted]
-    assert all(len(ks) >= 3 for ks in drafted[-20:]), [len(ks) for ks in drafted]
+    # Drafting pays 9% here, a close call: a request may spend 18 steps re-measuring plain
+    # steps (see _plain_price_stale), not stopping.
+    tail = zip(drafted[-20:], remeasured[-20:])
+    assert all(len(ks) >= 3 or again for ks, again in tail), [len(ks) for ks in drafted]
 
 
 def _generate_greedy(ctrl, max_tokens):
@@ -837,11 +844,12 @@ def _sampled_drafting_share(ctrl, mean, rounds, rng, with_chances):
     for _ in range(rounds):
         k = ctrl.choose()
         if k == 0:
+            remeasure = ctrl.plain_remeasuring  # drafting goes on after it: not a stop
             burst = ctrl.plain_burst()
             for _ in range(burst.probes):
                 ctrl.observe_shadow(1, chance())
             ctrl.observe_plain(burst.steps, burst.steps * verify(1) + burst.probes, burst.probes)
-            total += burst.steps
+            total += 0 if remeasure else burst.steps
             continue
         chances, n = [], 0
         while n < k:
@@ -949,3 +957,25 @@ def test_calibration_prices_plain_steps_in_generation():
     ctrl.seen = []
     _generate_greedy(ctrl, 100)
     assert len(ctrl.seen) == 1 and ctrl.seen[0] is not None
+
+
+def test_rounds_priced_cheap_against_plain_steps_are_caught_while_drafting():
+    """Sampled text where one-draft rounds cost 1.55 plain steps and pass at 0.52 on
+    average: plain steps win by 2%.  Rounds priced 10% cheap say drafting wins by 8%
+    (sampled random text, bfloat16: rounds priced 7% cheap drafted eight whole requests at
+    0.95 of plain decoding).  While it drafts, rounds' times move mostly the machine's
+    speed, not the ratio of the prices, so the error barely shrinks; a plain re-measure must
+    price plain steps against the speed the rounds just timed, and come soon in a close
+    call, or whole requests draft at a loss (5 of 72 here before; a request shorter than
+    the re-measure spacing can still)."""
+    lost = []
+    for seed in range(6):
+        rng = random.Random(seed)
+        ctrl = AdaptiveController(k_max=8)
+        for _ in range(3):
+            _sampled_drafting_share(ctrl, 0.9, 100, rng, True)  # drafting pays: rounds priced
+        ctrl.walls[True].rescale(0.9, 1.0)  # every round priced 10% cheap
+        ctrl.remeasure_interval = 1 << 30  # no round re-measures: they would re-price rounds
+        shares = [_sampled_drafting_share(ctrl, 0.52, 100, rng, True) for _ in range(12)]
+        lost += [(seed, i) for i, share in enumerate(shares) if share > 0.5]
+    assert len(lost) <= 2, lost
