@@ -636,11 +636,11 @@ class AdaptiveController:
 
         In a close call (drafting estimated to gain less than ``close_call`` at most recent
         choices, see _in_close_call) a few percent of price error decide the choice, and a
-        plain burst costs next to nothing there: the
-        re-measure comes every ``plain_remeasure_every`` rounds, without backing off, and is
-        long enough to price plain steps against the rounds on its own (see observe_plain).
-        Sampled random text, bfloat16: one-draft rounds priced 7% cheap drafted eight whole
-        requests at 0.95 of plain decoding."""
+        plain burst costs next to nothing there: the re-measure comes every
+        ``plain_remeasure_every`` rounds, without backing off, and is long enough to price
+        plain steps against the rounds on its own (see observe_plain).  Sampled random text,
+        bfloat16: one-draft rounds priced 7% cheap drafted eight whole requests at 0.95 of
+        plain decoding."""
         interval = self.plain_remeasure_interval
         if self._in_close_call():
             interval = min(interval, self.plain_remeasure_every)
