@@ -37,10 +37,10 @@ near-perfect acceptance, one step in every few while the probes pass); one that 
 drafting starts at most ``start_k`` deep. A request in the other sampling mode (greedy,
 sampled) than the last starts plain, from the prior. Only rounds measure round times:
 after a long plain run, where drafting could pay were rounds half as dear, one round
-runs to re-measure, and it re-scales every k's time (rarer while re-measures find the
-times right). Likewise, only plain steps measure the plain price: while drafting, after
-``plain_remeasure_every`` rounds without plain steps, where plain steps would win were
-they half as dear, a short plain burst re-measures it.
+runs to re-measure, and where it is faster than its price it re-scales every k's time
+(rarer while re-measures find the times right). Likewise, only plain steps measure the
+plain price: while drafting, after ``plain_remeasure_every`` rounds without plain steps,
+where plain steps would win were they half as dear, a short plain burst re-measures it.
 """
 
 from __future__ import annotations
@@ -919,8 +919,16 @@ class AdaptiveController:
         walls = self._walls()[0]
         if self.stale_round and k in walls.rounds:
             # The first round after a long plain run: plain steps tracked the machine's speed
-            # meanwhile, but rounds may have sped up or slowed down unlike them.
-            changed = walls.rescale(seconds / self.speed / walls.rounds[k], self.stale_weight)
+            # meanwhile, but rounds may have sped up unlike them.  Only faster: interference
+            # (another process, the collector) adds time and never takes it away, so one round
+            # slower than its price is as likely a hiccup as a change, and where plain steps
+            # already win, rounds priced dearer change nothing.  Scaled up by single slow
+            # rounds, round prices only climbed (4-bit, stock: two re-measures took k = 2 from
+            # 2.94 to 3.15 plain steps, where fixed-k rounds took 2.83, and code and prose ran
+            # plain from then on, at 0.97 of the best fixed k).  Where drafting is chosen,
+            # its rounds re-price a k that did become slower.
+            ratio = seconds / self.speed / walls.rounds[k]
+            changed = walls.rescale(min(1.0, ratio), self.stale_weight)
             # On text where drafting does not pay each re-measure costs a little.
             self.remeasure_interval = _backoff(
                 self.remeasure_interval, self.remeasure_every, changed

@@ -979,3 +979,31 @@ def test_rounds_priced_cheap_against_plain_steps_are_caught_while_drafting():
         shares = [_sampled_drafting_share(ctrl, 0.52, 100, rng, True) for _ in range(12)]
         lost += [(seed, i) for i, share in enumerate(shares) if share > 0.5]
     assert len(lost) <= 2, lost
+
+
+@pytest.mark.parametrize("slower", [1.3, 0.7])
+def test_only_a_faster_remeasure_round_rescales_round_prices(slower):
+    """A round that re-measures round times after a long plain run re-scales every k's price
+    when it is faster than its own; one slower than its price (another process, the
+    collector: interference only adds time) leaves them.  Where plain steps win, dearer
+    rounds change nothing, and scaled up by single slow rounds, round prices only climbed
+    (4-bit, stock: two re-measures made them 7% dearer, and code and prose ran plain)."""
+    verify = lambda m: 10.0 + 7.0 * (m - 1)  # noqa: E731
+    rng = random.Random(3)
+    ctrl = AdaptiveController(k_max=8)
+    simulate(ctrl, 150, 0.97, verify, 0.3, rng)
+    assert tail_mode(simulate(ctrl, 60, 0.3, verify, 0.3, rng), 20) == 0
+    while True:
+        before = [ctrl.round_time(k) for k in range(1, 9)]
+        remeasures = ctrl.remeasures
+        k = ctrl.choose()
+        if k > 0:
+            break
+        plain(ctrl, lambda: rng.random() < 0.3, verify, 0.3)
+    assert ctrl.remeasures == remeasures + 1, "drafting chosen on hard text"
+    draft_round(ctrl, k, lambda: False, lambda m: slower * verify(m), 0.3 * slower, 0.5 * slower)
+    after = [ctrl.round_time(k) for k in range(1, 9)]
+    if slower > 1:
+        assert after == pytest.approx(before)
+    else:
+        assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
