@@ -993,13 +993,14 @@ def test_only_a_faster_remeasure_round_rescales_round_prices(slower):
     ctrl = AdaptiveController(k_max=8)
     simulate(ctrl, 150, 0.97, verify, 0.3, rng)
     assert tail_mode(simulate(ctrl, 60, 0.3, verify, 0.3, rng), 20) == 0
-    while True:
+    for _ in range(1000):  # bursts until the re-measure round
         before = [ctrl.round_time(k) for k in range(1, 9)]
         remeasures = ctrl.remeasures
         k = ctrl.choose()
         if k > 0:
             break
         plain(ctrl, lambda: rng.random() < 0.3, verify, 0.3)
+    assert k > 0, "no re-measure round ran"
     assert ctrl.remeasures == remeasures + 1, "drafting chosen on hard text"
     draft_round(ctrl, k, lambda: False, lambda m: slower * verify(m), 0.3 * slower, 0.5 * slower)
     after = [ctrl.round_time(k) for k in range(1, 9)]
